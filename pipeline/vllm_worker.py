@@ -1,0 +1,66 @@
+"""Methods added to every vLLM worker through vLLM's ``worker_extension_cls`` extension point.
+
+vLLM injects this class into its worker class; the pool calls the methods with
+``LLM.collective_rpc("posttrain_load_weights", ...)``. This module is imported inside vLLM's
+worker process, so it imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def _unpack(payload):
+    """Turn a weight payload into (name, tensor) pairs.
+
+    The payload is either a list of (name, tensor) pairs (in-process engine: passed by
+    reference), or ``bytes`` of a pickled Ray ObjectRef to such a list (multi-process engines whose
+    workers are Ray actors: each worker fetches the tensors from Ray's shared-memory object store).
+    """
+    if isinstance(payload, bytes | bytearray):
+        import ray
+        import ray.cloudpickle as cloudpickle
+
+        payload = ray.get(cloudpickle.loads(payload))
+    from pipeline.weight_sync import unpack_tensors
+
+    return unpack_tensors(payload)
+
+
+class WeightSyncExtension:
+    """Worker-side half of the in-memory weight sync (the trainer side is pipeline/weight_sync.py)."""
+
+    def posttrain_load_weights(self, payload) -> dict:
+        """Load checkpoint-format weights into the running model, in place.
+
+        Uses vLLM's own in-place reload (``model_runner.reload_weights``), which re-runs each
+        layer's weight processing. vLLM 0.32's CPU MoE kernel prepacks expert weights only when
+        the kernel is first built, so after a reload the experts hold unpacked data; we re-run its
+        prepack here (a no-op for GPU kernels, which need no prepack).
+        """
+        t0 = time.perf_counter()
+        named = _unpack(payload)
+        n_bytes = sum(t.numel() * t.element_size() for _, t in named)
+        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        repacked = _repack_cpu_moe(self.model_runner.model)
+        return {"tensors": len(named), "bytes": n_bytes, "repacked_moe_layers": repacked,
+                "seconds": time.perf_counter() - t0}
+
+    def posttrain_weight_checksum(self, names: list[str]) -> dict:
+        """Sum of each named parameter (as loaded in vLLM's layout), to check a sync took effect."""
+        params = dict(self.model_runner.model.named_parameters())
+        return {n: float(params[n].detach().double().sum()) for n in names if n in params}
+
+
+def _repack_cpu_moe(model) -> int:
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a vLLM build without the CPU MoE kernel
+        return 0
+    count = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None and isinstance(getattr(kernel, "fused_experts", None), CPUUnquantizedExperts):
+            kernel.fused_experts.process_weights_after_loading(module)
+            count += 1
+    return count

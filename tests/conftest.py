@@ -1,0 +1,65 @@
+"""Shared fixtures. vLLM engines are session-scoped: each starts at most once per test run.
+
+Fixtures are lazy: an engine starts only when a test asks for it. Prefer `tiny_pool` (random tiny
+MoE, fast) unless a test needs sensible text (`instruct_pool`) or the real MoE policy (`moe_pool`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded Ray for the whole test run. Logical CPUs exceed the 2 real cores on purpose so
+    that several session engines (each reserving 1 CPU) can be up at once."""
+    import ray
+
+    from pipeline.ray_utils import ensure_ray
+
+    if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)
+        ensure_ray(num_cpus=8)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def embedded_models():
+    """Build (or reuse from the cache) every embedded model; name -> folder."""
+    from pipeline.models import prepare_all
+
+    return prepare_all(log=lambda *_: None)
+
+
+def _pool(model: str, **kw):
+    from pipeline.pool import PoolConfig, WorkerPool
+
+    return WorkerPool(PoolConfig(model=model, kv_cache_gib=1, max_model_len=1024, **kw))
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(ray_session, embedded_models):
+    pool = _pool("tiny-moe")
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def instruct_pool(ray_session, embedded_models):
+    """The real SmolLM2-135M-Instruct (dense): sensible text."""
+    pool = _pool("smollm2-135m-instruct")
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moe_pool(ray_session, embedded_models):
+    """The upcycled MoE policy, float32 (weight-sync tests mutate it: they restore it after)."""
+    pool = _pool("smollm2-moe", dtype="float32")
+    yield pool
+    pool.shutdown()
