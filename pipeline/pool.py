@@ -94,6 +94,8 @@ class Completion:
 class ChatResult:
     prompt_token_ids: list[int]
     completions: list[Completion] = field(default_factory=list)
+    worker: int = 0
+    """Index of the engine that served the request."""
 
 
 class EngineStartError(RuntimeError):
@@ -136,6 +138,7 @@ class EngineActor:
                 f"vLLM engine {index} for {model_path} failed to start: {type(root).__name__}: {root}"
             ) from exc
         self.tokenizer = self.llm.get_tokenizer()
+        self.expected_shapes = _checkpoint_shapes(model_path)
 
     def info(self) -> dict:
         import vllm
@@ -162,7 +165,8 @@ class EngineActor:
                     lps = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids, strict=False)]
                 comps.append({"text": c.text, "token_ids": list(c.token_ids),
                               "finish_reason": c.finish_reason or "unknown", "logprobs": lps})
-            results.append({"prompt_token_ids": list(out.prompt_token_ids or []), "completions": comps})
+            results.append({"prompt_token_ids": list(out.prompt_token_ids or []), "completions": comps,
+                            "worker": self.index})
         return results
 
     def completion_logprobs(self, items: list[tuple[list[dict], str]]) -> list[list[float]]:
@@ -185,7 +189,13 @@ class EngineActor:
         return result
 
     def load_weights(self, payload) -> dict:
-        return self.llm.collective_rpc("posttrain_load_weights", args=(payload,))[0]
+        if isinstance(payload, list):
+            _check_weights_match(payload, self.expected_shapes, self.model_path)
+        result = self.llm.collective_rpc("posttrain_load_weights", args=(payload,))[0]
+        # KV blocks cached for shared prefixes were computed with the old weights: drop them, or
+        # prompts seen before the sync would keep attending to stale keys/values.
+        self.llm.reset_prefix_cache()
+        return result
 
     def checksum(self, names: list[str]) -> dict:
         return self.llm.collective_rpc("posttrain_weight_checksum", args=(names,))[0]
@@ -198,6 +208,42 @@ class EngineActor:
             except Exception:  # best effort: the actor is killed right after
                 pass
             self.llm = None
+
+
+def _checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape in the model folder's safetensors files (headers only, no data read)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
+
+
+def _check_weights_match(payload: list, expected: dict[str, tuple[int, ...]], model_path: str) -> None:
+    """Refuse a sync whose tensors do not match the served model, before touching the engine
+    (a half-applied reload would leave the engine serving a mix of old and new weights)."""
+    if not expected:
+        return
+    got = {item[0]: tuple(item[2]) if len(item) == 4 else tuple(item[1].shape) for item in payload}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shape = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    if missing or extra or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unknown to the engine (e.g. {extra[0]})")
+        if shape:
+            parts.append(f"{len(shape)} with another shape (e.g. {shape[0]}: got {got[shape[0]]}, "
+                         f"engine has {expected[shape[0]]})")
+        raise ValueError(f"weight sync refused for {model_path}: the trained model does not match the served one: "
+                         + "; ".join(parts) + ". Fix: train the model the pool serves (same config).")
 
 
 class WorkerPool:
@@ -227,9 +273,15 @@ class WorkerPool:
             "disable_log_stats": True,
         }
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.tensor_parallel_size == 1 else "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false",
+               # vLLM's INFO lines drown the pipeline's progress bars; VLLM_LOGGING_LEVEL=INFO brings them back
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         if device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+            # vLLM 0.32 CPU: a seeded request whose prompt is prefilled in chunks (a batch of long
+            # prompts over the step's token budget) kills the engine ("CPU Generator does not use
+            # offset"); without chunked prefill a prompt is always prefilled whole.
+            engine_args["enable_chunked_prefill"] = False
         else:
             engine_args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             if cfg.tensor_parallel_size > 1:
@@ -365,7 +417,7 @@ class WorkerPool:
         """Sample completions for chat requests; results come back in request order."""
         payload = [asdict(r) for r in requests]
         raw = self._dispatch("generate", payload, progress)
-        return [ChatResult(prompt_token_ids=r["prompt_token_ids"],
+        return [ChatResult(prompt_token_ids=r["prompt_token_ids"], worker=r["worker"],
                            completions=[Completion(**c) for c in r["completions"]]) for r in raw]
 
     def completion_logprobs(self, items: Sequence[tuple[list[dict], str]]) -> list[list[float]]:

@@ -12,6 +12,11 @@ top-k routing). The dense MLP's intermediate neurons are split in two parts, A a
 So MoE(x) = f_A(x) + f_B(x) = dense MLP(x) exactly (up to float rounding) for any router, while
 the routers are random and spread tokens over the experts. Active parameters per token equal the
 dense model's; total parameters grow with N.
+
+Router init: plain random rows route most tokens of a layer to one expert, because the inputs of
+an MLP share a large common component (measured on SmolLM2: up to 74% of a layer's tokens on one
+of 8 experts). Given calibration text, each router row is made orthogonal to the layer's mean
+MLP input, which spreads tokens (measured: at most 22% on one expert, all 8 used in every layer).
 """
 
 from __future__ import annotations
@@ -77,9 +82,39 @@ def moe_config_from_dense(dense_config, cfg: UpcycleConfig) -> Qwen2MoeConfig:
 
 
 @torch.no_grad()
-def upcycle(dense: LlamaForCausalLM, cfg: UpcycleConfig) -> Qwen2MoeForCausalLM:
-    """Return a Qwen2-MoE model whose logits equal ``dense``'s (see module docstring)."""
+def mean_mlp_inputs(dense: LlamaForCausalLM, calibration: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the mean input vector of the MLP over the calibration tokens."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook(layer_idx):
+        def fn(_module, inputs, _output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            sums[layer_idx] = sums.get(layer_idx, 0) + x.sum(0)
+            counts[layer_idx] = counts.get(layer_idx, 0) + x.shape[0]
+        return fn
+
+    handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in enumerate(dense.model.layers)]
+    try:
+        dense.eval()
+        for ids in calibration:
+            dense(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return [sums[i] / counts[i] for i in range(len(dense.model.layers))]
+
+
+@torch.no_grad()
+def upcycle(dense: LlamaForCausalLM, cfg: UpcycleConfig,
+            calibration: list[torch.Tensor] | None = None) -> Qwen2MoeForCausalLM:
+    """Return a Qwen2-MoE model whose logits equal ``dense``'s (see module docstring).
+
+    ``calibration``: token-id tensors of real text; when given, router rows are made orthogonal to
+    each layer's mean MLP input so tokens spread over the experts.
+    """
     dc = dense.config
+    means = mean_mlp_inputs(dense, calibration) if calibration else None
     if getattr(dc, "attention_bias", False) or getattr(dc, "mlp_bias", False):
         raise ValueError("upcycling supports Llama-style models without attention/MLP biases")
     mcfg = moe_config_from_dense(dc, cfg)
@@ -113,7 +148,12 @@ def upcycle(dense: LlamaForCausalLM, cfg: UpcycleConfig) -> Qwen2MoeForCausalLM:
         elif key.endswith("experts.down_proj"):
             new_sd[key] = down[:, shared:].unsqueeze(0).repeat(mcfg.num_experts, 1, 1)
         elif key.endswith("mlp.gate.weight"):
-            new_sd[key] = torch.randn(target.shape, generator=gen) * cfg.router_init_std
+            w = torch.randn(target.shape, generator=gen) * cfg.router_init_std
+            if means is not None:
+                u = means[int(key.split(".layers.")[1].split(".")[0])]
+                u = u / u.norm().clamp(min=1e-12)
+                w = w - (w @ u)[:, None] * u[None, :]
+            new_sd[key] = w
         else:  # a parameter this mapping does not know: refuse rather than leave it random
             raise KeyError(f"upcycle: no rule for MoE parameter {key}")
     moe.load_state_dict(new_sd, strict=True)

@@ -44,7 +44,8 @@ def _pool(model: str, **kw):
 
 @pytest.fixture(scope="session")
 def tiny_pool(ray_session, embedded_models):
-    pool = _pool("tiny-moe")
+    """The random tiny MoE on two engines (small chunks, so batches spread over both)."""
+    pool = _pool("tiny-moe", num_workers=2, chunk_size=8)
     yield pool
     pool.shutdown()
 
@@ -63,3 +64,18 @@ def moe_pool(ray_session, embedded_models):
     pool = _pool("smollm2-moe", dtype="float32")
     yield pool
     pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, embedded_models):
+    """A reward model trained once per test run (TRL RewardTrainer, tiny-dense base, a few seconds) on
+    preference pairs derived from CPython's docstrings (reward/stdlib_pairs.py); used by the reward
+    and DPO tests. Returns {"path", "metrics", "train", "held"}."""
+    from reward.stdlib_pairs import preference_records, stdlib_docs
+    from reward.train import RewardModelConfig, split_pairs, train_reward_model
+
+    train, held = split_pairs(preference_records(stdlib_docs(), seed=0), 0.2)
+    cfg = RewardModelConfig(base_model="tiny-dense", learning_rate=1e-3, num_epochs=3, batch_size=8, max_length=256)
+    path = tmp_path_factory.mktemp("reward") / "reward_model"
+    metrics = train_reward_model(train, cfg, path)
+    return {"path": path, "metrics": metrics, "train": train, "held": held}

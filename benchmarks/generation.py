@@ -1,0 +1,163 @@
+"""Generation and weight-sync throughput, side by side in one run.
+
+    python -m benchmarks.generation [--model smollm2-moe] [--prompts 32] [--max-tokens 128]
+
+Figures (last line, JSON):
+- pool_vs_raw: tokens/s of our WorkerPool (a vLLM engine in a Ray actor) / tokens/s of a raw
+  ``vllm.LLM`` on the same prompts, sampling params and per-request seeds (so both produce the
+  same tokens). Target >= 0.90.
+- vllm_vs_hf: raw vLLM tokens/s / transformers ``generate`` tokens/s (batched, same sampling).
+- sync_vs_copy: seconds to push the model's weights into the running engine / seconds for a
+  plain in-memory copy of the same bytes. Target <= 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def _prompts(k: int) -> list[list[dict]]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[:: max(1, len(topics) // k)][:k]
+    return [[{"role": "user", "content": f"Explain the Python topic '{n}' with an example."}] for n in names]
+
+
+def bench_raw_vllm(path: str, prompts, max_tokens: int, temperature: float, top_p: float) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # same engine layout as the pool's actors
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=64,
+              seed=0, disable_log_stats=True)
+    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=i)
+              for i in range(len(prompts))]
+    llm.chat(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.chat(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+
+
+def bench_pool(path: str, prompts, max_tokens: int, temperature: float, top_p: float):
+    from pipeline.pool import ChatRequest, PoolConfig, WorkerPool
+
+    pool = WorkerPool(PoolConfig(model=path, dtype="float32", max_model_len=2048, max_num_seqs=64, kv_cache_gib=2))
+    reqs = [ChatRequest(messages=m, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=i)
+            for i, m in enumerate(prompts)]
+    pool.generate(reqs[:2])  # warm-up
+    t0 = time.perf_counter()
+    res = pool.generate(reqs)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for r in res for c in r.completions)
+    return pool, {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+
+
+def bench_hf(path: str, prompts, max_tokens: int, temperature: float, top_p: float) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t0
+    gen = out[:, batch["input_ids"].shape[1]:]
+    # count tokens up to and including the first EOS, as vLLM does
+    eos = tok.eos_token_id
+    tokens = 0
+    for row in gen.tolist():
+        tokens += (row.index(eos) + 1) if eos in row else len(row)
+    del model
+    gc.collect()
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+
+
+def bench_sync(pool, path: str, repeats: int = 3) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.weight_sync import checkpoint_format_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pool.sync_weights(model)  # warm-up
+    runs = [pool.sync_weights(model) for _ in range(repeats)]
+    tensors = [t for _, t in checkpoint_format_tensors(model, torch.float32)]
+    copies = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dup = [t.clone() for t in tensors]
+        copies.append(time.perf_counter() - t0)
+        del dup
+    sync_s = statistics.median(r["total_s"] for r in runs)
+    copy_s = statistics.median(copies)
+    parts = {k: round(statistics.median(r[k] for r in runs), 3) for k in ("export_s", "put_s", "load_s", "engine_load_s")}
+    return {"sync_s": sync_s, "copy_s": copy_s, "bytes": runs[0]["bytes"], **parts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-moe")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--hf-prompts", type=int, default=16, help="transformers is slow on CPU: fewer prompts, same rate")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    args = ap.parse_args()
+
+    from pipeline.models import resolve_model
+    from pipeline.ray_utils import ensure_ray
+
+    path = str(resolve_model(args.model))
+    prompts = _prompts(args.prompts)
+    sampling = (args.max_tokens, args.temperature, args.top_p)
+    raw = bench_raw_vllm(path, prompts, *sampling)
+    print("raw vLLM:", raw, flush=True)
+    hf = bench_hf(path, prompts[: args.hf_prompts], *sampling)
+    print("transformers generate:", hf, flush=True)
+    ensure_ray()
+    pool, pooled = bench_pool(path, prompts, *sampling)
+    print("pool:", pooled, flush=True)
+    try:
+        sync = bench_sync(pool, path)
+        print("sync:", sync, flush=True)
+    finally:
+        pool.shutdown()
+    result = {
+        "benchmark": "generation",
+        "model": args.model,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "raw_vllm_tok_s": round(raw["tok_s"], 1),
+        "pool_tok_s": round(pooled["tok_s"], 1),
+        "hf_tok_s": round(hf["tok_s"], 1),
+        "same_tokens": raw["tokens"] == pooled["tokens"],
+        "pool_vs_raw": round(pooled["tok_s"] / raw["tok_s"], 3),
+        "vllm_vs_hf": round(raw["tok_s"] / hf["tok_s"], 2),
+        "sync_s": round(sync["sync_s"], 3),
+        "copy_s": round(sync["copy_s"], 3),
+        "sync_bytes": sync["bytes"],
+        "sync_parts_s": {k: sync[k] for k in ("export_s", "put_s", "load_s", "engine_load_s")},
+        "sync_vs_copy": round(sync["sync_s"] / sync["copy_s"], 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

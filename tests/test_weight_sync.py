@@ -1,0 +1,129 @@
+"""In-memory weight sync from transformers into running vLLM engines.
+
+Both sides run float32, so vLLM's logprobs for a fixed completion match transformers' to ~1e-5;
+the bound 1e-2 leaves room for kernel differences (fused MoE, attention) while a perturbation of
+2% of each weight's std moves the logprobs by ~0.1, far beyond it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.weight_sync import checkpoint_format_tensors, pack_tensors, unpack_tensors
+
+MESSAGES = [{"role": "user", "content": "What does the Python statement 'assert' do?"}]
+
+
+def _completion():
+    from pydoc_data.topics import topics
+
+    return " ".join(topics["assert"].split()[:40])  # real text as the fixed completion
+
+
+def _hf_logprobs(model, tok, messages, completion):
+    p = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    p = list(p["input_ids"] if hasattr(p, "keys") else p)
+    c = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        lp = model(ids).logits[0].float().log_softmax(-1)
+    return torch.stack([lp[len(p) + i - 1, t] for i, t in enumerate(c)])
+
+
+def _perturb(model, scale=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=g) * scale * p.float().std().clamp(min=1e-3))
+
+
+def _mad(a, b):
+    return (torch.as_tensor(a) - torch.as_tensor(b)).abs().mean().item()
+
+
+def test_export_translates_fused_experts_to_checkpoint_names(embedded_models):
+    model = AutoModelForCausalLM.from_pretrained(embedded_models["tiny-moe"], dtype=torch.float32)
+    named = dict(checkpoint_format_tensors(model))
+    assert not any(k.endswith("experts.gate_up_proj") for k in named)
+    e = model.config.num_experts
+    fused = model.model.layers[0].mlp.experts.gate_up_proj
+    inter = fused.shape[1] // 2
+    for i in range(e):
+        assert torch.equal(named[f"model.layers.0.mlp.experts.{i}.gate_proj.weight"], fused[i, :inter])
+        assert torch.equal(named[f"model.layers.0.mlp.experts.{i}.up_proj.weight"], fused[i, inter:])
+    assert "lm_head.weight" not in named  # tied to the embeddings; vLLM ties them itself
+    round_trip = dict(unpack_tensors(pack_tensors(named.items())))
+    assert all(torch.equal(round_trip[k], v) for k, v in named.items())
+    bf16 = dict(unpack_tensors(pack_tensors(checkpoint_format_tensors(model, torch.bfloat16))))
+    assert bf16["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def test_sync_into_running_moe_engine_float32(moe_pool, embedded_models):
+    path = embedded_models["smollm2-moe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    completion = _completion()
+    item = [(MESSAGES, completion)]
+    old_hf = _hf_logprobs(model, tok, MESSAGES, completion)
+    before = moe_pool.completion_logprobs(item)[0]
+    assert _mad(before, old_hf) <= 1e-2
+
+    _perturb(model)
+    new_hf = _hf_logprobs(model, tok, MESSAGES, completion)
+    assert _mad(new_hf, old_hf) > 0.05  # the perturbation is visible
+    try:
+        timing = moe_pool.sync_weights(model)
+        after = moe_pool.completion_logprobs(item)[0]
+        assert _mad(after, new_hf) <= 1e-2, "engine does not serve the synced weights"
+        assert _mad(after, old_hf) > 0.05, "engine still serves the old weights"
+        assert timing["bytes"] > 1.5e9  # the whole float32 policy went over
+    finally:  # restore the engine for other tests
+        fresh = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        moe_pool.sync_weights(fresh)
+    restored = moe_pool.completion_logprobs(item)[0]
+    assert _mad(restored, old_hf) <= 1e-2
+
+
+def test_sync_reaches_every_worker(tiny_pool, embedded_models):
+    path = embedded_models["tiny-moe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    completion = _completion()
+    item = [(MESSAGES, completion)]
+    old_hf = _hf_logprobs(model, tok, MESSAGES, completion)
+    _perturb(model, scale=0.2)
+    new_hf = _hf_logprobs(model, tok, MESSAGES, completion)
+    assert _mad(new_hf, old_hf) > 0.05
+    try:
+        tiny_pool.sync_weights(model)
+        per_worker = ray.get([a.completion_logprobs.remote(item) for a in tiny_pool.actors])
+        assert len(per_worker) == 2
+        for lps in per_worker:
+            assert _mad(lps[0], new_hf) <= 1e-2
+            assert _mad(lps[0], old_hf) > 0.05
+    finally:
+        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("bad", ["missing", "shape"])
+def test_sync_of_mismatched_weights_fails_loudly(tiny_pool, embedded_models, bad):
+    """A model of another shape must not be half-loaded silently."""
+    from transformers import AutoConfig
+
+    path = embedded_models["tiny-moe"]
+    cfg = AutoConfig.from_pretrained(path)
+    if bad == "shape":
+        cfg.moe_intermediate_size = cfg.moe_intermediate_size * 2
+    else:
+        cfg.num_experts = cfg.num_experts - 1
+    other = AutoModelForCausalLM.from_config(cfg)
+    before = tiny_pool.completion_logprobs([(MESSAGES, _completion())])[0]
+    with pytest.raises(Exception, match="weight sync refused") as err:
+        tiny_pool.sync_weights(other)
+    assert ("missing" if bad == "missing" else "another shape") in str(err.value)
+    # refused before touching the engine: it still serves the same weights
+    assert tiny_pool.completion_logprobs([(MESSAGES, _completion())])[0] == before
