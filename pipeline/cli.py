@@ -59,6 +59,222 @@ def demo(
         _fail(str(exc))
 
 
+# -- the run: run / stage / status / config (pipeline/runner.py, pipeline/config.py) ------------------
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect run configs.")
+app.add_typer(config_app, name="config")
+
+_SET_HELP = "Override a config field: --set stages.evolve.rounds=2 (value parsed as YAML; repeatable)."
+
+
+def _load(config: str, overrides: list[str] | None):
+    """The validated run config, or exit 2 with one line per problem."""
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _run_errors():
+    from pipeline.artifacts import ArtifactError
+    from pipeline.runner import RunError
+    from pipeline.stage import StageError
+
+    return (RunError, StageError, ArtifactError, ModelError)
+
+
+def _interrupted() -> None:
+    typer.secho("interrupted; finished shards are kept: run the same command again to resume", err=True)
+    raise typer.Exit(130)
+
+
+def _fail_run(exc: BaseException) -> None:
+    """A stage failed or the run cannot start: exit 1 (2 is for an invalid config)."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command("run")
+def run_cmd(
+    config: str = typer.Argument(..., help="Run config (YAML), e.g. configs/default.yaml."),
+    overrides: list[str] = typer.Option(None, "--set", help=_SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages to run, resume or skip, and why)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; only warnings and errors."),
+) -> None:
+    """Run the stage graph; stages whose fingerprint matches a finished manifest are skipped, and
+    interrupted ones resume from their finished shards."""
+    from pipeline.runner import format_plan, run_graph
+
+    cfg = _load(config, overrides)
+    try:
+        items = run_graph(cfg, dry_run=dry_run, quiet=quiet)
+    except _run_errors() as exc:
+        _fail_run(exc)
+    except KeyboardInterrupt:
+        _interrupted()
+    if dry_run:
+        typer.echo(f"plan for {cfg.run_dir}:\n{format_plan(items)}")
+
+
+@app.command("stage")
+def stage_cmd(
+    name: str = typer.Argument(..., help="Stage to run (one of the config's graph)."),
+    config: str = typer.Argument(..., help="Run config (YAML)."),
+    force: bool = typer.Option(False, "--force", help="Rerun even if its fingerprint matches (starts fresh)."),
+    overrides: list[str] = typer.Option(None, "--set", help=_SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would happen."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; only warnings and errors."),
+) -> None:
+    """Run one stage from its upstream outputs on disk; every stage that depends on it is then
+    marked stale (the next `posttrain run` reruns them)."""
+    from pipeline.runner import format_plan, run_stage
+
+    cfg = _load(config, overrides)
+    try:
+        items, stale = run_stage(cfg, name, force=force, dry_run=dry_run, quiet=quiet)
+    except _run_errors() as exc:
+        _fail_run(exc)
+    except KeyboardInterrupt:
+        _interrupted()
+    if dry_run:
+        typer.echo(f"plan for {cfg.run_dir}:\n{format_plan(items, stale)}")
+    elif items[0].action == "skip":
+        typer.echo(f"stage {name}: {items[0].reason}; nothing to do (use --force to rerun it)")
+    elif stale:
+        typer.echo(f"stage {name} done; marked stale: {', '.join(stale)}")
+
+
+@app.command("status")
+def status_cmd(run_dir: str = typer.Argument(..., help="Run directory (run_dir of the config).")) -> None:
+    """Each stage's state, record counts and time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.runner import RunError, status_rows
+
+    try:
+        rows = status_rows(run_dir)
+    except RunError as exc:
+        _fail(str(exc))
+        return
+    if not rows:
+        typer.echo(f"{run_dir}: no stage has run yet")
+        return
+    table = Table(title=f"run {run_dir}", title_justify="left")
+    for col in ("stage", "state", "records", "time", "finished", "note"):
+        table.add_column(col, overflow="fold")
+    colors = {"done": "green", "failed": "red", "interrupted": "yellow", "stale": "yellow", "running": "cyan"}
+    for r in rows:
+        state = f"[{colors[r['state']]}]{r['state']}[/]" if r["state"] in colors else r["state"]
+        table.add_row(r["stage"], state, r["records"], r["time"], r["finished"], r["note"])
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+
+
+@config_app.command("show")
+def config_show(
+    config: str = typer.Argument(..., help="Run config (YAML)."),
+    overrides: list[str] = typer.Option(None, "--set", help=_SET_HELP),
+) -> None:
+    """Validate a run config and print it resolved (defaults filled in, overrides applied) as YAML."""
+    from pipeline.config import dump_config
+
+    typer.echo(dump_config(_load(config, overrides)), nl=False)
+
+
+# -- publication and report (pipeline/publish.py, pipeline/report.py) ----------------------------------
+
+
+@app.command("publish")
+def publish_cmd(
+    run_dir: str = typer.Argument(..., help="Run directory (run_dir of the config)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Dataset repo on the Hub, ORG/NAME (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo(s) as private."),
+    dry_run: str = typer.Option(None, "--dry-run", metavar="DIR",
+                                help="Write exactly what would be uploaded into DIR; upload nothing."),
+    model_repo_id: str = typer.Option(None, "--model-repo-id", metavar="ORG/NAME",
+                                      help="Also upload the run's final model (dpo_model, else sft_model) there."),
+    include_intermediate: bool = typer.Option(False, "--include-intermediate",
+                                              help="Also publish seeds, instructions, evolved and answers."),
+) -> None:
+    """Push the run's datasets to the Hugging Face Hub as one dataset repo with one config per dataset
+    (sft, preferences, online_dpo_round_k), with a dataset card made from the run. Uses HF_TOKEN (or
+    `hf auth login`) and HF_ENDPOINT; a rerun skips what is already on the Hub."""
+    import os
+    from pathlib import Path
+
+    from pipeline.publish import PublishConfig, PublishError, publish
+
+    try:
+        cfg = PublishConfig(repo_id=repo_id, private=private, dry_run=Path(dry_run) if dry_run else None,
+                            model_repo_id=model_repo_id, include_intermediate=include_intermediate,
+                            endpoint=os.environ.get("HF_ENDPOINT") or None)
+        publish(run_dir, cfg, echo=typer.echo)
+    except PublishError as exc:
+        _fail_run(exc)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: str = typer.Argument(..., help="Run directory (run_dir of the config)."),
+    out: str = typer.Option(None, "--out", help="HTML file to write (default RUN_DIR/report/report.html)."),
+) -> None:
+    """Write a self-contained HTML report of the run (plots embedded) and print a short summary."""
+    from pipeline.report import write_report
+    from pipeline.run_stats import RunDirError
+
+    try:
+        write_report(run_dir, out, echo=typer.echo)
+    except RunDirError as exc:
+        _fail(str(exc))
+
+
+critic_app = typer.Typer(no_args_is_help=True, help="The critique model of the filter stage.")
+app.add_typer(critic_app, name="critic")
+
+
+@critic_app.command("train")
+def critic_train(
+    data: str = typer.Argument(..., help="Graded examples: a dataset folder of Parquet shards (e.g. RUN_DIR/datasets/sft "
+                                         "of a run graded by a stronger critic), a .parquet or a .jsonl file."),
+    out: str = typer.Argument(..., help="Folder for the fine-tuned critic (serve it as a model role)."),
+    base_model: str = typer.Option("smollm2-135m-instruct", help="Model to fine-tune (embedded name or folder)."),
+    epochs: float = typer.Option(3.0, help="Passes over the examples."),
+    max_steps: int | None = typer.Option(None, help="Cap on optimizer steps."),
+    backend: str = typer.Option("ray", help="ray (Ray Train job) or local (this process)."),
+) -> None:
+    """Fine-tune a critique model on graded examples (critique/train.py, through the SFT trainer)."""
+    from pathlib import Path
+
+    import datasets
+
+    from critique.train import CritiqueDataError, CritiqueTrainConfig, train_critique_model
+
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.glob("*.parquet"))
+        kind = "parquet"
+    elif path.suffix in (".parquet", ".jsonl", ".json"):
+        files, kind = [str(path)], "parquet" if path.suffix == ".parquet" else "json"
+    else:
+        files, kind = [], ""
+    if not files:
+        _fail(f"{path}: no graded examples found; fix: give a folder of .parquet shards, a .parquet or a .jsonl file")
+    rows = datasets.load_dataset(kind, data_files=files, split="train").to_list()
+    try:
+        cfg = CritiqueTrainConfig(base_model=base_model, epochs=epochs, max_steps=max_steps, backend=backend)
+        metrics = train_critique_model(rows, cfg, Path(out), Path(out).with_name(Path(out).name + ".work"))
+    except (CritiqueDataError, ModelError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"critic written to {out}: {metrics['examples']} examples, held-out loss "
+               f"{metrics['heldout_nll_before']} -> {metrics['heldout_nll_after']}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
