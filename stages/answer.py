@@ -1,0 +1,145 @@
+"""Stage `answer`: specialized models write the responses.
+
+A mapping domain -> model role (``routes``) sends, say, math to one model and code to another;
+each role is its own worker pool (``models.<role>`` in the run config). Domains without a route go
+to ``model``. Objective domains (taxonomy ``objective: true``, or ``objective_domains``) get ``k``
+sampled responses, for the self-consistency check downstream; the others get one. Every response
+keeps its text, the model that wrote it, its finish reason and its token count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.stage import ModelRole, Stage, StageContext, record_seed
+from stages.generate import _messages
+from stages.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
+from stages.templates import TemplateError, files_version, load_yaml_file
+
+ANSWER_FIELDS = ("id", "instruction", "domain", "task_type", "seed_id", "source_kind", "parent_id", "operator",
+                 "round", "model", "template")
+
+
+class AnswerConfig(BaseModel):
+    """Responses from specialized models, k samples for objective domains."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model: ModelRole = "policy"
+    """Default model role (a `models.<role>` entry of the run config) for domains without a route."""
+    routes: dict[str, str] = Field(default_factory=dict)
+    """Domain -> model role, e.g. {math: math_answerer, code: code_answerer}; each role is its own pool."""
+    prompts: str = "configs/prompts/answer.yaml"
+    """Answer prompt file: optional system message and per-domain suffixes."""
+    taxonomy: str = DEFAULT_TAXONOMY
+    """Domain taxonomy file (which domains are objective)."""
+    k: int = Field(3, ge=1, le=64)
+    """Responses per instruction in objective domains (1 elsewhere)."""
+    objective_domains: list[str] | None = None
+    """Domains that get k responses; None: those marked `objective: true` in the taxonomy."""
+    temperature: float = Field(0.7, ge=0)
+    """Sampling temperature (k > 1 needs > 0 for different samples)."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    max_tokens: int = Field(256, ge=8)
+    """Longest response in tokens (a response cut here has finish_reason 'length')."""
+
+
+def load_answer_prompts(path: str) -> tuple[str | None, dict[str, str]]:
+    """(system message, domain -> suffix); errors name the file."""
+    data = load_yaml_file(path)
+    domains = data.get("domains") or {}
+    if not isinstance(domains, dict):
+        raise TemplateError(f"{path}: `domains` must be a mapping of domain -> {{suffix: ...}}")
+    suffixes = {}
+    for name, entry in domains.items():
+        if not isinstance(entry, dict) or set(entry) - {"suffix"}:
+            raise TemplateError(f"{path}: domains.{name} must be a mapping with only `suffix`")
+        suffixes[name] = str(entry.get("suffix") or "").strip()
+    return data.get("system"), suffixes
+
+
+def route(domain: str, cfg: AnswerConfig) -> str:
+    """Model role that answers a domain."""
+    return cfg.routes.get(domain, cfg.model)
+
+
+def check_routes(cfg: AnswerConfig, roles: set[str] | None = None) -> None:
+    """Fail early on routes to unknown domains or roles."""
+    taxonomy = load_taxonomy(cfg.taxonomy)
+    unknown = set(cfg.routes) - set(taxonomy.domains)
+    if unknown:
+        raise ValueError(f"stages.answer.routes: unknown domain(s) {sorted(unknown)}; taxonomy {cfg.taxonomy} has "
+                         f"{sorted(taxonomy.domains)}")
+    if roles is not None:
+        missing = ({cfg.model} | set(cfg.routes.values())) - roles
+        if missing:
+            raise ValueError(f"stages.answer: model role(s) {sorted(missing)} are not defined under `models:` "
+                             f"(defined: {sorted(roles)}); fix: add them or change stages.answer.routes/model")
+
+
+def answer_instructions(records: list[dict], cfg: AnswerConfig, get_pool: Callable[[str], Any],
+                        run_seed: int = 0) -> list[dict]:
+    """Answer every instruction with the pool of its domain's role; output in input order."""
+    from pipeline.pool import ChatRequest
+
+    system, suffixes = load_answer_prompts(cfg.prompts)
+    taxonomy = load_taxonomy(cfg.taxonomy)
+    objective = set(cfg.objective_domains) if cfg.objective_domains is not None else taxonomy.objective_domains()
+    by_role: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        by_role.setdefault(route(rec["domain"], cfg), []).append(i)
+    out: list[dict | None] = [None] * len(records)
+    for role, indices in by_role.items():
+        pool = get_pool(role)
+        requests = []
+        for i in indices:
+            rec = records[i]
+            suffix = suffixes.get(rec["domain"], "")
+            content = f"{rec['instruction']}\n\n{suffix}" if suffix else rec["instruction"]
+            requests.append(ChatRequest(
+                messages=_messages(system, content), n=cfg.k if rec["domain"] in objective else 1,
+                temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                seed=record_seed(run_seed, rec["id"], "answer")))
+        results = pool.generate(requests)
+        model = pool.config.model
+        for i, result in zip(indices, results, strict=True):
+            rec = records[i]
+            out[i] = {**{k: rec.get(k) for k in ANSWER_FIELDS},
+                      "responses": [{"text": c.text, "model": model, "finish_reason": c.finish_reason,
+                                     "n_tokens": len(c.token_ids)} for c in result.completions],
+                      "answer_model": model, "answer_role": role, "objective": rec["domain"] in objective}
+    return out  # type: ignore[return-value]
+
+
+def answer_metrics(answers: list[dict]) -> dict[str, Any]:
+    responses = [r for a in answers for r in a["responses"]]
+    return {
+        "answered": len(answers), "responses": len(responses),
+        "response_tokens": sum(r["n_tokens"] for r in responses),
+        "finish_reasons": dict(Counter(r["finish_reason"] for r in responses)),
+        "by_role": dict(Counter(a["answer_role"] for a in answers)),
+        "by_model": dict(Counter(a["answer_model"] for a in answers)),
+        "objective": sum(bool(a["objective"]) for a in answers),
+        "empty_responses": sum(not r["text"].strip() for r in responses),
+    }
+
+
+def run(ctx: StageContext) -> None:
+    cfg: AnswerConfig = ctx.config
+    check_routes(cfg, set(ctx.run_config.models))
+    load_answer_prompts(cfg.prompts)
+    records = ctx.read("evolved").to_list()
+    answers = ctx.map("answers", records, lambda shard: answer_instructions(shard, cfg, ctx.pool, ctx.seed),
+                      desc="answer")
+    ctx.metrics.update(answer_metrics(answers))
+    ctx.log.info("answer: %d instructions, %d responses", len(answers), sum(len(a["responses"]) for a in answers))
+
+
+STAGE = Stage(name="answer", inputs=("evolved",), outputs=("answers",), config_cls=AnswerConfig, run=run,
+              version=files_version("stages/taxonomy.py", "stages/templates.py", "configs/prompts/answer.yaml",
+                                    "configs/taxonomy.yaml"))
