@@ -1,0 +1,164 @@
+"""Online DPO rounds on the embedded default: where each round's wall time goes, and whether the rounds
+raise the policy's reward on held-out prompts.
+
+    python -m benchmarks.dpo [--rounds 2] [--prompts-per-round 8] [--max-tokens 64] [--learning-rate 1e-5]
+
+Setup (not timed in the rounds): the embedded MoE policy (smollm2-moe, 413M, float32) on one vLLM engine
+in a Ray actor; a reward model trained with TRL's RewardTrainer from SmolLM2-135M-Instruct on preference
+pairs derived from CPython's docstrings (reward/stdlib_pairs.py; cached under $POSTTRAIN_HOME/bench, so
+only the first run trains it: ~5 min here), scoring on a Ray actor. Prompts are questions about stdlib
+functions, SFT replay rows their docstrings.
+
+Figures (last line, JSON):
+- rounds[i]: seconds per phase: sample (policy sampling, training prompts and held-out prompts), score
+  (reward model on every sample, plus the reference model's logprobs for the KL estimate), train
+  (DPOTrainer: DPO + chosen NLL + SFT replay), sync (in-memory weight push into the running engine), other
+  (everything else: pairing, checkpoint of the round for resume, bookkeeping); and the round's figures.
+- overhead_fraction: other / total over all rounds. Target < 0.10.
+- eval_reward_sft / eval_reward_final / eval_reward_gain / eval_win_rate: held-out mean reward of the SFT
+  policy and of the final policy (paired: same prompts, same request seeds), the gain, and the share of
+  paired samples where the final policy scores higher (ties 0.5). `reward_raised` is gain > 0.
+- plain_head_speedup: seconds of one DPO training round with TRL's fused LM head (its CPU fallback) /
+  seconds with our plain-logits head (stages/dpo.py ``_plain_head_forward``), same pairs, same start weights;
+  both runs alternate twice. Also `plain_head_loss_rel_diff`: they compute the same loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+PHASES = {"sample": ("time_sample", "time_eval_sample"), "score": ("time_score", "time_eval_score", "time_kl"),
+          "train": ("time_train",), "sync": ("time_sync",)}
+
+
+def reward_model(cache: Path, seed: int = 0) -> tuple[Path, dict]:
+    """The benchmark's reward model (trained once, then reused from ``cache``) and its held-out accuracy."""
+    from reward.score import RewardScorer
+    from reward.stdlib_pairs import preference_records, stdlib_docs
+    from reward.train import RewardModelConfig, pairwise_accuracy, split_pairs, train_reward_model
+
+    cfg = RewardModelConfig(base_model="smollm2-135m-instruct", learning_rate=2e-5, num_epochs=1, batch_size=8,
+                            max_length=256, seed=seed)
+    key = f"v1-{seed}"
+    info = cache / "info.json"
+    if info.is_file() and json.loads(info.read_text()).get("key") == key:
+        return cache, json.loads(info.read_text())
+    train, held = split_pairs(preference_records(stdlib_docs(), seed=0), 0.2)
+    t0 = time.perf_counter()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    train_reward_model(train, cfg, cache)
+    acc = pairwise_accuracy(RewardScorer(cache).score, held)
+    out = {"key": key, "train_s": time.perf_counter() - t0, "eval_accuracy": acc["accuracy"], "eval_pairs": len(held)}
+    info.write_text(json.dumps(out))
+    return cache, out
+
+
+def head_comparison(policy_path: str, pairs: list[dict], replay_rows: list[dict], cfg, repeats: int = 2) -> dict:
+    """One training round with TRL's fused LM head vs our plain-logits head, from the same start weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.dpo import tokenize_replay, train_round
+
+    tok = AutoTokenizer.from_pretrained(policy_path)
+    ref = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).eval()
+    replay = tokenize_replay(tok, replay_rows, cfg.max_length)
+    times: dict[str, list[float]] = {"fused": [], "plain": []}
+    losses: dict[str, float] = {}
+    for _ in range(repeats):
+        for side in ("fused", "plain"):
+            policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+            with tempfile.TemporaryDirectory() as scratch:
+                t0 = time.perf_counter()
+                m = train_round(policy, ref, tok, pairs, replay, cfg, 0, scratch, plain_head=side == "plain")
+                times[side].append(time.perf_counter() - t0)
+            losses[side] = m["loss/total"]
+            del policy
+    fused, plain = statistics.median(times["fused"]), statistics.median(times["plain"])
+    return {"fused_s": fused, "plain_s": plain, "plain_head_speedup": fused / plain,
+            "plain_head_loss_rel_diff": abs(losses["fused"] - losses["plain"]) / abs(losses["fused"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", default="smollm2-moe")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompts-per-round", type=int, default=8)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--epochs-per-round", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-head-comparison", action="store_true", help="skip the fused vs plain LM head runs")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from pipeline.models import posttrain_home, resolve_model
+    from pipeline.pool import PoolConfig, WorkerPool
+    from pipeline.ray_utils import ensure_ray
+    from reward.score import RewardPool
+    from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
+    from stages.dpo import OnlineDPOConfig, online_dpo, prompt_rows, split_prompts
+
+    policy_path = str(resolve_model(args.policy))
+    rm_path, rm_info = reward_model(posttrain_home() / "bench" / "dpo_reward_model", seed=args.seed)
+    print(f"reward model: held-out accuracy {rm_info['eval_accuracy']:.3f} on {rm_info['eval_pairs']} pairs",
+          flush=True)
+    docs = stdlib_docs()
+    cfg = OnlineDPOConfig(rounds=args.rounds, prompts_per_round=args.prompts_per_round,
+                          samples_per_prompt=args.samples_per_prompt, max_tokens=args.max_tokens,
+                          eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
+                          learning_rate=args.learning_rate, epochs_per_round=args.epochs_per_round, max_length=384)
+    prompts = prompt_rows(prompt_records([n for n, _ in docs]))
+    train, held = split_prompts(prompts, cfg, args.seed)
+    offline, sft = preference_records(docs[:120], seed=1), sft_records(docs[:120])
+    ensure_ray()
+    t0 = time.perf_counter()
+    with WorkerPool(PoolConfig(model=policy_path, dtype="float32", max_model_len=2048, kv_cache_gib=2)) as pool, \
+            RewardPool(rm_path) as scorer, tempfile.TemporaryDirectory(prefix="bench-dpo-") as work:
+        setup_s = time.perf_counter() - t0
+        print(f"engines ready in {setup_s:.0f}s", flush=True)
+        result = online_dpo(policy_path, pool, scorer, train, held, offline, sft, cfg, work, seed=args.seed,
+                            on_round=lambda r, m: print(f"round {r}: {json.dumps(_round_line(m))}", flush=True))
+    rounds = [_round_line(m) for m in result.rounds]
+    total = sum(r["total_s"] for r in rounds)
+    other = sum(r["other_s"] for r in rounds)
+    last = result.rounds[-1]
+    out = {
+        "benchmark": "dpo", "policy": args.policy, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "rounds": rounds, "overhead_fraction": other / total,
+        "setup_s": {"engines": setup_s, **result.timings}, "reward_model": rm_info,
+        "eval_reward_sft": last["eval_reward_sft_mean"], "eval_reward_final": last["eval_reward_mean"],
+        "eval_reward_gain": last["eval_reward_gain"], "eval_win_rate": last["eval_win_rate"],
+        "eval_pairs": len(result.baseline["rewards"]), "reward_raised": last["eval_reward_gain"] > 0,
+    }
+    if not args.no_head_comparison:
+        pairs = preference_records(docs[120:128], seed=2)
+        out.update(head_comparison(policy_path, pairs, sft, cfg))
+    print(json.dumps(out))
+
+
+def _round_line(m: dict) -> dict:
+    line = {phase: sum(m.get(k, 0.0) for k in keys) for phase, keys in PHASES.items()}
+    line = {f"{k}_s": v for k, v in line.items()}
+    line["total_s"] = m["time_total"]
+    line["other_s"] = m["time_total"] - sum(line[f"{p}_s"] for p in PHASES)
+    for key in ("round", "pairs_online", "ties", "reward_mean", "reward_std", "reward_margin", "kl",
+                "rewards_accuracies", "rewards_margins", "loss_total", "loss_dpo", "loss_chosen_nll", "loss_replay_nll",
+                "eval_reward_mean", "eval_reward_gain", "eval_win_rate", "sample_tokens", "train_steps"):
+        if key in m:
+            line[key] = m[key]
+    return line
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Bradley-Terry reward model from preference pairs, trained with TRL's RewardTrainer.
+
+Pairs are TRL's conversational form (``prompt`` / ``chosen`` / ``rejected`` lists of messages).
+The base is a causal LM given a scalar head (``AutoModelForSequenceClassification``, num_labels=1):
+by default the embedded dense SmolLM2-135M-Instruct. Pairwise accuracy on held-out pairs is
+measured with the same scorer the DPO stage uses (``reward.score.RewardScorer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reward.score import RewardPoolConfig
+
+log = logging.getLogger(__name__)
+
+
+class RewardModelConfig(BaseModel):
+    """Reward model: train one from preference pairs, or use an existing one."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    base_model: str = "smollm2-135m-instruct"
+    """Causal LM (embedded name or folder) that gets a scalar head and is trained as the reward model."""
+    pretrained: str | None = None
+    """Folder of an existing reward model (sequence classification, num_labels=1): used as is, no training."""
+    extra_pairs: list[str] = Field(default_factory=list)
+    """User-given preference files (.jsonl/.json/.parquet) with prompt/chosen/rejected, added to the training pairs."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of pairs held out (chosen by a hash of the pair id, so stable across reruns) to measure accuracy."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """AdamW learning rate."""
+    num_epochs: float = Field(1.0, gt=0)
+    """Passes over the training pairs."""
+    batch_size: int = Field(8, ge=1)
+    """Pairs per optimizer step (per gradient-accumulation micro-batch)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of steps with a linearly rising learning rate."""
+    max_length: int = Field(1024, ge=16)
+    """Longest tokenized conversation trained on; longer pairs are dropped by TRL."""
+    center_rewards_coefficient: float | None = 0.01
+    """Pulls rewards towards zero mean (TRL's option): keeps scores on a stable scale across runs."""
+    seed: int = 0
+    """Seed of the head's initialization and of the data order."""
+    scoring: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
+    """Ray actors that score with the model (the DPO stage uses the same settings)."""
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise ValueError(
+        f"{where}: field '{field}' must be a string or a list of {{role, content}} messages, got "
+        f"{type(value).__name__}; fix: write pairs in TRL's form (prompt/chosen/rejected)")
+
+
+def normalize_pair(row: dict, where: str) -> dict:
+    """A pair in conversational form (strings become one message), keeping its other fields."""
+    missing = [f for f in PAIR_FIELDS if f not in row or row[f] in (None, "", [])]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}; fix: every pair needs prompt, chosen "
+                         "and rejected")
+    out = dict(row)
+    out["prompt"] = _as_messages(row["prompt"], "user", where, "prompt")
+    out["chosen"] = _as_messages(row["chosen"], "assistant", where, "chosen")
+    out["rejected"] = _as_messages(row["rejected"], "assistant", where, "rejected")
+    if "id" not in out or not out["id"]:
+        out["id"] = hashlib.sha1(json.dumps([out[f] for f in PAIR_FIELDS], sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+def load_pairs_file(path: str | os.PathLike) -> list[dict]:
+    """Read user-given preference pairs; errors name the file, row and field."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"preference file {p} does not exist; fix: correct reward.extra_pairs")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import datasets
+
+            rows = datasets.Dataset.from_parquet(str(p)).to_list()
+        elif suffix == ".jsonl":
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(p.read_text())
+        else:
+            raise ValueError(f"{p}: unknown file type '{suffix}'; fix: use .jsonl, .json or .parquet")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc}); fix: one JSON object per line for .jsonl") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{p}: expected a list of pairs, got {type(rows).__name__}")
+    return [normalize_pair({**r, "source": r.get("source", "user")}, f"{p} row {i}") for i, r in enumerate(rows)]
+
+
+def split_pairs(pairs: Sequence[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train / held-out split by a hash of each pair's id (stable when pairs are added or reordered)."""
+    if eval_fraction <= 0:
+        return list(pairs), []
+
+    def bucket(pair: dict) -> float:
+        h = hashlib.sha1(f"{seed}:{pair['id']}".encode()).hexdigest()
+        return int(h[:8], 16) / 0xFFFFFFFF
+
+    train = [p for p in pairs if bucket(p) >= eval_fraction]
+    held = [p for p in pairs if bucket(p) < eval_fraction]
+    if not held and len(train) > 1:  # tiny sets: still hold out one pair so accuracy means something
+        held = [train.pop()]
+    return train, held
+
+
+def pairwise_accuracy(score: Callable[[list[list[dict]]], list[float]], pairs: Sequence[dict]) -> dict[str, float]:
+    """Share of pairs whose chosen reply scores above the rejected one (ties count half), and the mean margin."""
+    if not pairs:
+        return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
+    convs = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    s = score(convs)
+    chosen, rejected = s[: len(pairs)], s[len(pairs):]
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
+    margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+    return {"accuracy": wins / len(pairs), "margin": margin, "pairs": len(pairs)}
+
+
+def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, output_dir: str | os.PathLike,
+                       log_metrics: Callable[[dict, int], None] | None = None) -> dict[str, float]:
+    """Train a scalar-head reward model with TRL's RewardTrainer and save it (model + tokenizer) to ``output_dir``.
+
+    Returns the last logged training figures. ``log_metrics(dict, step)`` receives every logged step.
+    """
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from pipeline.models import resolve_model
+
+    if not train_pairs:
+        raise ValueError("no preference pairs to train the reward model on; fix: check the filter stage's "
+                         "`preferences` output or give reward.extra_pairs")
+    base = resolve_model(cfg.base_model)
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(cfg.seed)  # the head is initialized randomly
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    data = datasets.Dataset.from_list([{f: p[f] for f in PAIR_FIELDS} for p in train_pairs])
+    out = Path(output_dir)
+    history: list[dict] = []
+
+    class _Relay(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                row = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+                history.append(row)
+                if log_metrics is not None:
+                    log_metrics(row, state.global_step)
+
+    with tempfile.TemporaryDirectory(prefix="reward-trainer-") as scratch:
+        args = RewardConfig(
+            output_dir=scratch, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
+            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            warmup_steps=cfg.warmup_ratio, max_length=cfg.max_length, seed=cfg.seed,
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+            # CPU facts (PLATFORM.md): float32 is 3x faster than bf16 here; checkpointing only costs time
+            # at these sizes.
+            bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                                callbacks=[_Relay()])
+        if len(trainer.train_dataset) == 0:
+            raise ValueError(f"every training pair is longer than reward.max_length={cfg.max_length} tokens; "
+                             "fix: raise reward.max_length")
+        trainer.train()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "posttrain.json").write_text(json.dumps({"kind": "reward_model", "base": str(base),
+                                                        "train_pairs": len(data)}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    last = history[-1] if history else {}
+    return {"train_loss": last.get("loss", float("nan")), "train_accuracy": last.get("accuracy", float("nan")),
+            "train_steps": float(trainer.state.global_step), "train_pairs": float(len(data))}
+
+
+def check_reward_model(path: str | os.PathLike) -> Path:
+    """A configured existing reward model: a folder with a sequence-classification config and num_labels=1."""
+    from transformers import AutoConfig
+
+    from pipeline.models import ModelError, resolve_model
+
+    p = resolve_model(path)
+    cfg = AutoConfig.from_pretrained(p)
+    archs = cfg.architectures or []
+    if cfg.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ModelError(
+            f"{p} is not a reward model (architectures {archs}, num_labels {cfg.num_labels}); fix: give a "
+            "sequence-classification folder with num_labels=1, or leave reward.pretrained empty to train one")
+    return p

@@ -1,0 +1,348 @@
+"""Iterative online DPO: loss decomposition, rounds on the real tiny MoE engines (sample -> score -> pair ->
+train -> in-memory sync), resume after a kill mid-round, and the stage through the runner.
+
+The data is real text that ships with Python (reward/stdlib_pairs.py: questions about stdlib functions,
+their docstrings as answers). The policy is the random tiny MoE served by the session's `tiny_pool`; the
+reward model is the session's `tiny_reward_model`. Whether two rounds raise the mean reward of the
+*embedded default* (413M MoE policy, 135M reward model) is measured by `python -m benchmarks.dpo`,
+which takes several minutes on this CPU and so is not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import textwrap
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reward.score import RewardPool
+from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
+from stages import dpo
+from stages.dpo import (
+    OnlineDPOConfig,
+    dpo_training_args,
+    online_dpo,
+    prompt_rows,
+    replay_dpo_trainer_class,
+    sequence_logprobs,
+    split_prompts,
+    tokenize_replay,
+)
+
+# Small enough for the test budget; a learning rate that moves a random tiny model in a few steps.
+LOOP = dict(rounds=2, prompts_per_round=6, samples_per_prompt=4, max_tokens=16, eval_prompts=8, eval_samples=2,
+            learning_rate=5e-3, batch_size=4, min_reward_gap=0.05, offline_ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return stdlib_docs()
+
+
+@pytest.fixture(scope="module")
+def prompts(docs):
+    return prompt_rows(prompt_records([n for n, _ in docs]))
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _restore(pool, path):
+    """Put the fixture engines back to the model they were started with (other tests share them)."""
+    pool.sync_weights(_load(path))
+
+
+# -- prompts -----------------------------------------------------------------------------------------------
+
+def test_prompt_budget_is_checked_before_any_work(prompts):
+    cfg = OnlineDPOConfig(rounds=3, prompts_per_round=100, eval_prompts=20)
+    with pytest.raises(ValueError, match=r"dpo needs 300 fresh prompts \(rounds=3 x prompts_per_round=100\) but "
+                                         r"evolved has \d+ distinct instructions.*set dpo.reuse_prompts: true"):
+        split_prompts(prompts, cfg, seed=0)
+    train, held = split_prompts(prompts, cfg.model_copy(update={"reuse_prompts": True}), seed=0)
+    assert len(held) == 20 and not {p["id"] for p in held} & {p["id"] for p in train}
+    # Rounds take consecutive, disjoint batches; with reuse they wrap around.
+    r1, r2 = dpo.round_prompts(train, 1, 100), dpo.round_prompts(train, 2, 100)
+    assert not {p["id"] for p in r1} & {p["id"] for p in r2}
+    with pytest.raises(ValueError, match="field 'instruction' is missing or empty"):
+        prompt_rows([{"id": "x", "instruction": ""}])
+    with pytest.raises(ValueError, match="dpo_weight and chosen_loss_coef are both 0"):
+        OnlineDPOConfig(dpo_weight=0, chosen_loss_coef=0)
+
+
+# -- loss decomposition ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def decomposition_models(embedded_models):
+    path = embedded_models["tiny-moe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = _load(path).eval()
+    policy = _load(path)
+    torch.manual_seed(0)
+    with torch.no_grad():  # policy != reference, so the DPO term is not the constant log 2
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return path, tok, policy, ref
+
+
+def _loss_and_terms(models, pairs, replay, tmp_path, **cfg):
+    path, tok, policy, ref = models
+    c = OnlineDPOConfig(**cfg)
+    trainer = replay_dpo_trainer_class()(
+        model=policy, ref_model=ref, args=dpo_training_args(c, str(tmp_path), 0),
+        train_dataset=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
+        processing_class=tok, moe_config=c.moe, replay=replay, replay_coef=c.sft_replay_coef,
+        replay_batch_size=c.replay_batch_size, replay_seed=0, dpo_weight=c.dpo_weight, chosen_coef=c.chosen_loss_coef)
+    try:
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+        trainer.model.train()
+        with torch.no_grad():
+            loss = float(trainer.compute_loss(trainer.model, batch))
+        terms = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("loss/")}
+        return loss, terms, list(trainer.loss_types), trainer.router_aux_loss_coef
+    finally:
+        dpo._unpatch(policy, ref)
+
+
+def test_loss_decomposition_each_term_moves_the_loss_and_is_off_at_zero(decomposition_models, docs, tmp_path):
+    pairs = preference_records(docs[:4], seed=3)
+    replay = tokenize_replay(decomposition_models[1], sft_records(docs[10:30]), 256)
+    w, alpha, gamma = 1.0, 0.3, 0.2
+    base, t, types_, coef = _loss_and_terms(decomposition_models, pairs, replay, tmp_path,
+                                            dpo_weight=w, chosen_loss_coef=alpha, sft_replay_coef=gamma)
+    assert types_ == ["sigmoid", "sft"] and coef > 0
+    assert abs(t["loss/dpo"] - math.log(2)) > 1e-3  # a real preference signal
+    # The total is exactly the documented sum of the terms TRL and we computed.
+    expected = (w * t["loss/dpo"] + alpha * t["loss/chosen_nll"] + coef * t["loss/router_aux"]
+                + gamma * (t["loss/replay_nll"] + coef * t["loss/replay_router_aux"]))
+    assert base == pytest.approx(expected, rel=1e-5)
+    assert t["loss/total"] == pytest.approx(base, rel=1e-6)
+
+    def run(**over):
+        return _loss_and_terms(decomposition_models, pairs, replay, tmp_path, **{
+            "dpo_weight": w, "chosen_loss_coef": alpha, "sft_replay_coef": gamma, **over})
+
+    # DPO term: doubling its weight adds one DPO term; weight 0 removes it from TRL's loss types.
+    loss, _, _, _ = run(dpo_weight=2 * w)
+    assert loss - base == pytest.approx(w * t["loss/dpo"], rel=1e-4)
+    loss, t0, types0, _ = run(dpo_weight=0.0)
+    assert "sigmoid" not in types0 and base - loss == pytest.approx(w * t["loss/dpo"], rel=1e-4)
+    # Chosen NLL (TRL's "sft" loss type) with alpha.
+    loss, _, _, _ = run(chosen_loss_coef=2 * alpha)
+    assert loss - base == pytest.approx(alpha * t["loss/chosen_nll"], rel=1e-4)
+    loss, _, types0, _ = run(chosen_loss_coef=0.0)
+    assert types0 == ["sigmoid"] and base - loss == pytest.approx(alpha * t["loss/chosen_nll"], rel=1e-4)
+    # SFT replay (ours) with gamma; at 0 no replay forward runs at all.
+    replay_term = t["loss/replay_nll"] + coef * t["loss/replay_router_aux"]
+    loss, _, _, _ = run(sft_replay_coef=2 * gamma)
+    assert loss - base == pytest.approx(gamma * replay_term, rel=1e-4)
+    loss, t0, _, _ = run(sft_replay_coef=0.0)
+    assert "loss/replay_nll" not in t0 and base - loss == pytest.approx(gamma * replay_term, rel=1e-4)
+    assert min(w * t["loss/dpo"], alpha * t["loss/chosen_nll"], gamma * replay_term) > 1e-2  # each one matters
+
+
+# -- the rounds on the real engines ------------------------------------------------------------------------
+
+def _inputs(docs, prompts, cfg, seed):
+    train, held = split_prompts(prompts, cfg, seed)
+    return train, held, preference_records(docs[:60], seed=1), sft_records(docs[:60])
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_pool, tiny_reward_model, embedded_models, docs, prompts, tmp_path_factory):
+    """Two online rounds on the tiny MoE engines; what the tests check about the engines is read right
+    after the run (the resume test below reuses the engines)."""
+    path = embedded_models["tiny-moe"]
+    cfg = OnlineDPOConfig(**LOOP)
+    train, held, offline, sft = _inputs(docs, prompts, cfg, seed=7)
+    work = tmp_path_factory.mktemp("dpo") / "work"
+    syncs = []
+    real_sync = tiny_pool.sync_weights
+    tiny_pool.sync_weights = lambda model: syncs.append(real_sync(model)) or syncs[-1]
+    try:
+        with RewardPool(tiny_reward_model["path"]) as scorer:
+            result = online_dpo(path, tiny_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
+        # The engines now serve the trained policy: compare their teacher-forced logprobs of fixed texts with
+        # the trained model's and the SFT model's, computed by transformers.
+        tok = AutoTokenizer.from_pretrained(path)
+        texts = [(p["messages"], d) for p, (_, d) in zip(held[:4], docs[100:104], strict=True)]
+        served = [sum(x) for x in tiny_pool.completion_logprobs(texts)]
+        items = []
+        for messages, text in texts:
+            prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+            items.append((prompt_ids, tok(text, add_special_tokens=False)["input_ids"]))
+        trained = sequence_logprobs(result.policy, items)
+        original = sequence_logprobs(_load(path), items)
+    finally:
+        del tiny_pool.sync_weights
+    yield {"result": result, "work": work, "cfg": cfg, "syncs": syncs, "served": served, "trained": trained,
+           "original": original, "inputs": (train, held, offline, sft)}
+    _restore(tiny_pool, path)
+
+
+def test_rounds_sample_fresh_prompts_pair_and_report_every_figure(two_rounds):
+    res, cfg = two_rounds["result"], two_rounds["cfg"]
+    assert [m["round"] for m in res.rounds] == [1, 2]
+    held_ids = {p["id"] for p in two_rounds["inputs"][1]}
+    seen = set()
+    for m in res.rounds:
+        assert m["pairs_online"] + m["ties"] == m["prompts"] == cfg.prompts_per_round
+        assert m["samples"] == cfg.prompts_per_round * cfg.samples_per_prompt
+        assert m["pairs_offline"] == round(cfg.offline_ratio * m["pairs_online"])
+        ids = {p["instruction_id"] for p in res.pairs if p["round"] == m["round"]}
+        assert not ids & seen and not ids & held_ids  # fresh each round, never a held-out prompt
+        seen |= ids
+        for key in ("reward_mean", "reward_std", "reward_margin", "kl", "rewards_accuracies", "rewards_margins",
+                    "loss_total", "loss_dpo", "loss_chosen_nll", "loss_replay_nll", "loss_router_aux",
+                    "eval_reward_mean", "eval_win_rate", "time_sample", "time_score", "time_train", "time_sync"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]), key
+        assert 0 <= m["eval_win_rate"] <= 1 and m["reward_margin"] >= cfg.min_reward_gap
+    for p in res.pairs:
+        assert p["chosen_score"] - p["rejected_score"] >= cfg.min_reward_gap
+        assert p["source"] == f"online_round_{p['round']}"
+        assert p["chosen"][0]["role"] == "assistant" and p["chosen"][0]["content"] != p["rejected"][0]["content"]
+    # KL to the reference: round 1 samples the SFT policy itself (KL ~ 0, up to vLLM vs transformers
+    # numerics); round 2 samples the trained policy.
+    kl1, kl2 = res.rounds[0]["kl_per_token"], res.rounds[1]["kl_per_token"]
+    assert abs(kl1) < 2e-3, kl1
+    assert kl2 > 10 * max(abs(kl1), 1e-4), (kl1, kl2)
+
+
+def test_pool_serves_the_trained_policy_after_the_in_memory_sync(two_rounds):
+    # One sync to the starting policy, then one per round; no engine restarts (the same two engines).
+    assert len(two_rounds["syncs"]) == 3 and all(s["workers"] == 2 for s in two_rounds["syncs"])
+    served, trained, original = two_rounds["served"], two_rounds["trained"], two_rounds["original"]
+    for s, t, o in zip(served, trained, original, strict=True):
+        assert s == pytest.approx(t, abs=0.05 + 1e-3 * abs(t)), (s, t)
+        assert abs(s - o) > 10 * abs(s - t) + 0.5, (s, t, o)
+
+
+def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, tiny_pool, tiny_reward_model,
+                                                           embedded_models, tmp_path, monkeypatch):
+    """Kill (an exception) during round 2's training, after its pairs were saved; the rerun loads round 1's
+    checkpoint, syncs it, reuses round 2's pairs (no resampling) and ends with the same weights as the
+    uninterrupted run."""
+    path = embedded_models["tiny-moe"]
+    cfg, (train, held, offline, sft) = two_rounds["cfg"], two_rounds["inputs"]
+    work = tmp_path / "work"
+    real_train = dpo.train_round
+    calls = []
+
+    def killed_in_round_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "train_round", killed_in_round_two)
+    with RewardPool(tiny_reward_model["path"]) as scorer:
+        with pytest.raises(KeyboardInterrupt):
+            online_dpo(path, tiny_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
+        assert (work / "round_001" / "metrics.json").is_file() and (work / "round_001" / "policy").is_dir()
+        assert (work / "round_002" / "pairs.jsonl").is_file() and not (work / "round_002" / "metrics.json").exists()
+        monkeypatch.setattr(dpo, "train_round", real_train)
+        sampled = []
+        real_sample = dpo.sample
+        monkeypatch.setattr(dpo, "sample", lambda *a, **k: sampled.append(a[5]) or real_sample(*a, **k))
+        try:
+            result = online_dpo(path, tiny_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
+        finally:
+            _restore(tiny_pool, path)
+    assert sampled == ["dpo-eval"]  # neither round 1, nor round 2's samples, nor the SFT baseline again
+    assert [m["round"] for m in result.rounds] == [1, 2]
+    assert "time_sample" not in result.rounds[1] and "time_train" in result.rounds[1]
+    uninterrupted = two_rounds["result"]
+    assert [p["id"] for p in result.pairs] == [p["id"] for p in uninterrupted.pairs]
+    for key in ("loss_total", "rewards_accuracies", "eval_reward_mean"):
+        assert result.rounds[1][key] == pytest.approx(uninterrupted.rounds[1][key], rel=1e-4, abs=1e-5), key
+    a, b = dict(result.policy.named_parameters()), dict(uninterrupted.policy.named_parameters())
+    assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
+    assert not (work / "round_001" / "policy").exists()  # only the latest round's weights are kept
+
+
+# -- through the runner ------------------------------------------------------------------------------------
+
+class _InputsConfig(__import__("pydantic").BaseModel):
+    model_config = __import__("pydantic").ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    docs: int = 60
+    """Stdlib functions whose docstrings make the pairs and SFT rows."""
+
+
+def _run_inputs(ctx) -> None:
+    """Test-only upstream stage: the SFT policy (a copy of the tiny MoE), `sft`, `preferences`, `evolved`."""
+    from pipeline.models import resolve_model
+
+    docs = stdlib_docs()
+    out = ctx.output_path("sft_model")
+    shutil.rmtree(out)
+    shutil.copytree(resolve_model("tiny-moe"), out)
+    ctx.write("sft", sft_records(docs[: ctx.config.docs]))
+    ctx.write("preferences", preference_records(docs[: ctx.config.docs], seed=0))
+    ctx.write("evolved", prompt_records([n for n, _ in docs]))
+
+
+def _inputs_stage():
+    from pipeline.stage import Stage
+
+    return Stage(name="dpo_inputs", inputs=(), outputs=("sft_model", "sft", "preferences", "evolved"),
+                 config_cls=_InputsConfig, run=_run_inputs)
+
+
+INPUTS_STAGE = _inputs_stage()
+
+
+def test_reward_and_dpo_stages_through_the_runner(tiny_pool, embedded_models, tmp_path):
+    """The reward stage trains on `preferences`; the dpo stage runs on the role's running engines (the
+    session's tiny MoE pool, its weights replaced by sft_model's) and records per-round figures."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    pool_yaml = json.dumps(tiny_pool.config.model_dump(mode="json"))
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        run_dir: {tmp_path / 'run'}
+        seed: 3
+        plugins: ["tests.test_dpo:INPUTS_STAGE"]
+        graph: [dpo_inputs, reward, dpo]
+        models:
+          policy: {pool_yaml}
+        stages:
+          reward: {{base_model: tiny-dense, learning_rate: 0.003, num_epochs: 2, max_length: 256, eval_fraction: 0.25}}
+          dpo: {{rounds: 2, prompts_per_round: 4, samples_per_prompt: 3, max_tokens: 12, eval_prompts: 4,
+                 learning_rate: 0.005, min_reward_gap: 0.0}}
+    """))
+    try:
+        Runner(load_config(path), quiet=True, pools=[tiny_pool]).run()
+    finally:
+        _restore(tiny_pool, embedded_models["tiny-moe"])
+    store = ArtifactStore(tmp_path / "run")
+    reward = store.read_manifest("reward")
+    assert reward["state"] == "done" and reward["metrics"]["eval_pairs"] >= 5
+    assert reward["metrics"]["eval_accuracy"] > 0.5
+    manifest = store.read_manifest("dpo")
+    assert manifest["state"] == "done"
+    rounds = manifest["metrics"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and manifest["metrics"]["online_pairs"] == len(
+        store.read_dataset("online_pairs"))
+    for r in rounds:
+        for key in ("reward_mean", "reward_std", "reward_margin", "kl", "rewards_accuracies", "rewards_margins",
+                    "loss_dpo", "loss_chosen_nll", "loss_replay_nll", "loss_router_aux", "eval_win_rate"):
+            assert key in r, key
+    series = [json.loads(line) for line in (tmp_path / "run" / "stages" / "dpo" / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert [row["step"] for row in series] == [1, 2] and all("eval_win_rate" in row for row in series)
+    pairs = store.read_dataset("online_pairs").to_list()
+    assert {p["source"] for p in pairs} <= {"online_round_1", "online_round_2"} and pairs
+    # The published policy is a plain transformers folder whose weights moved away from the SFT policy.
+    published = _load(store.artifact_path("dpo_model"))
+    sft = _load(store.artifact_path("sft_model"))
+    assert any(not torch.equal(a, b) for a, b in zip(published.parameters(), sft.parameters(), strict=True))
