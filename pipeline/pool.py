@@ -46,6 +46,10 @@ class PoolConfig(BaseModel):
     """GPUs per engine (vLLM tensor parallelism). Must be 1 on CPU."""
     num_cpus_per_worker: float = Field(1.0, gt=0)
     """Ray CPUs each engine actor reserves."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """CPU only: threads each engine computes with (OMP_NUM_THREADS). None: the machine's cores divided
+    among the pool's workers. Ray would otherwise set it to `num_cpus_per_worker` (1), which measured
+    0.65x the speed of a plain vLLM engine on a 2-core machine."""
     max_model_len: int = Field(2048, ge=64)
     """Longest prompt + completion, in tokens."""
     max_num_seqs: int = Field(64, ge=1)
@@ -278,6 +282,8 @@ class WorkerPool:
                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         if device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+            threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+            env["OMP_NUM_THREADS"] = str(threads)
             # vLLM 0.32 CPU: a seeded request whose prompt is prefilled in chunks (a batch of long
             # prompts over the step's token budget) kills the engine ("CPU Generator does not use
             # offset"); without chunked prefill a prompt is always prefilled whole.

@@ -42,14 +42,36 @@ class WeightSyncExtension:
         named = _unpack(payload)
         n_bytes = sum(t.numel() * t.element_size() for _, t in named)
         self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        retied = _refresh_tied_head(self.model_runner.model)
         repacked = _repack_cpu_moe(self.model_runner.model)
-        return {"tensors": len(named), "bytes": n_bytes, "repacked_moe_layers": repacked,
+        return {"tensors": len(named), "bytes": n_bytes, "repacked_moe_layers": repacked, "tied_head_refreshed": retied,
                 "seconds": time.perf_counter() - t0}
 
     def posttrain_weight_checksum(self, names: list[str]) -> dict:
         """Sum of each named parameter (as loaded in vLLM's layout), to check a sync took effect."""
         params = dict(self.model_runner.model.named_parameters())
         return {n: float(params[n].detach().double().sum()) for n in names if n in params}
+
+
+def _refresh_tied_head(model) -> bool:
+    """Rebuild the LM head from the new embeddings after a reload, when the two are tied.
+
+    With tied embeddings the checkpoint has no lm_head tensor, so vLLM's layerwise reload loads
+    nothing into the head and skips its weight processing; on CPU that processing prepacks the
+    head's weight into a oneDNN GEMM handle (``cpu_linear``), which then keeps computing logits with
+    the *pre-sync* embeddings. Measured on smollm2-moe: logprobs off by 0.1 per token without this.
+    """
+    cfg = getattr(model, "config", None)
+    head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if not getattr(cfg, "tie_word_embeddings", False) or head is None or embed is None:
+        return False
+    if head.weight is not embed.weight:
+        head.tie_weights(embed)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+    return True
 
 
 def _repack_cpu_moe(model) -> int:
