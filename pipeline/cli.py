@@ -117,6 +117,29 @@ def run_cmd(
         _interrupted()
     if dry_run:
         typer.echo(f"plan for {cfg.run_dir}:\n{format_plan(items)}")
+    elif not quiet:
+        _print_locations(cfg.run_dir)
+
+
+def _print_locations(run_dir) -> None:
+    """Where the run's datasets, models and report are (what a user opens next)."""
+    from pathlib import Path
+
+    root = Path(run_dir)
+    typer.echo(f"\nrun directory: {root.resolve()}   (posttrain status {root})")
+    datasets = sorted(p for p in (root / "datasets").glob("*") if p.is_dir())
+    if datasets:
+        typer.echo("datasets (load with datasets.load_dataset('parquet', data_dir=...)):")
+        for d in datasets:
+            typer.echo(f"  {d.name:16s} {d}")
+    models = sorted(p for p in (root / "models").glob("*") if p.is_dir())
+    if models:
+        typer.echo("models (transformers / vLLM folders):")
+        for m in models:
+            typer.echo(f"  {m.name:16s} {m}")
+    report = root / "report" / "report.html"
+    if report.exists():
+        typer.echo(f"report: {report}")
 
 
 @app.command("stage")
@@ -133,6 +156,7 @@ def stage_cmd(
     from pipeline.runner import format_plan, run_stage
 
     cfg = _load(config, overrides)
+    _check_stage_name(name, cfg, config)
     try:
         items, stale = run_stage(cfg, name, force=force, dry_run=dry_run, quiet=quiet)
     except _run_errors() as exc:
@@ -147,6 +171,21 @@ def stage_cmd(
         typer.echo(f"stage {name} done; marked stale: {', '.join(stale)}")
 
 
+def _check_stage_name(name: str, cfg, config: str) -> None:
+    """A NAME that is no stage at all (a typo) is an argument error; a real stage missing from the
+    graph is left to the runner, whose fix is "add it to graph"."""
+    from difflib import get_close_matches
+
+    from pipeline.registry import DEFAULT_GRAPH, plugin_stages
+
+    known = set(DEFAULT_GRAPH) | set(cfg.enabled) | (set(plugin_stages(cfg.plugins)) if cfg.plugins else set())
+    if name in known:
+        return
+    close = get_close_matches(name, list(cfg.enabled), n=1)
+    _fail(f"{name!r} is not a stage{f' (did you mean {close[0]!r}?)' if close else ''}; the stages of {config}: "
+          f"{', '.join(cfg.enabled) or '(none)'}; fix: posttrain stage {close[0] if close else 'STAGE'} {config}")
+
+
 @app.command("status")
 def status_cmd(run_dir: str = typer.Argument(..., help="Run directory (run_dir of the config).")) -> None:
     """Each stage's state, record counts and time."""
@@ -158,7 +197,10 @@ def status_cmd(run_dir: str = typer.Argument(..., help="Run directory (run_dir o
     try:
         rows = status_rows(run_dir)
     except RunError as exc:
-        _fail(str(exc))
+        from pathlib import Path
+
+        detail = f"{run_dir} is a file, not a run directory" if Path(run_dir).is_file() else str(exc)
+        _fail(f"{detail}; fix: pass the run_dir of a run config (the folder `posttrain run CONFIG` writes)")
         return
     if not rows:
         typer.echo(f"{run_dir}: no stage has run yet")

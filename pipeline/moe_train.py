@@ -147,6 +147,27 @@ def moe_layout(model: nn.Module) -> MoELayout:
     return MoELayout(layers, attentions, mlps, routers, int(num_experts or 0), int(top_k or 0))
 
 
+def single_top_k(model: nn.Module, aux_loss: bool = True) -> None:
+    """Store a per-layer top-k list that holds one value as that one int, in place.
+
+    Why: HunYuan-MoE-V1 configs may give top-k per layer (Hunyuan-A13B's config.json has
+    ``moe_topk: [8, 8, ...]``), but TRL computes the router aux loss with a single
+    ``config.num_experts_per_tok`` (Mixtral's ``load_balancing_loss_func``) and fails on a list
+    ("topk(): argument 'k' must be int, not list"). Routing does not change: each gate already holds
+    its own ``top_k``. Different values per layer have no single-k aux loss: ValueError when ``aux_loss``.
+    """
+    base = _base(model)
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if not isinstance(top_k, (list, tuple)) or not top_k:
+        return
+    if len(set(top_k)) == 1:
+        cfg.num_experts_per_tok = int(top_k[0])
+    elif aux_loss:
+        raise ValueError(f"{type(base).__name__}: top-k differs per layer ({sorted(set(top_k))}), and the router aux "
+                         "loss (TRL's load_balancing_loss_func) takes one top-k; fix: set moe.router_aux_loss_coef: 0")
+
+
 # --------------------------------------------------------------------------------------------------
 # MoE dropout
 
@@ -506,6 +527,8 @@ class MoETrainerMixin:
         # TRL reads this to turn on output_router_logits and add coef * aux_loss to the loss.
         targs.router_aux_loss_coef = self.moe_config.router_aux_loss_coef
         super().__init__(*args, **kwargs)
+        # TRL reads config.num_experts_per_tok in the forward for the aux loss (HunYuan may hold a list there).
+        single_top_k(self.model, aux_loss=self.moe_config.router_aux_loss_coef > 0)
         self.moe_dropout = apply_moe_dropout(self.model, self.moe_config)
         self.expert_load: ExpertLoadCallback | None = None
         if self.moe_config.log_expert_load:

@@ -7,7 +7,30 @@ worker process, so it imports nothing heavy at module level.
 
 from __future__ import annotations
 
+import logging
 import time
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drop vLLM's "X: Failed to load weights" for layers that have no checkpoint tensor of their own (the
+    rotary cache is computed; a tied LM head is refreshed by ``_refresh_tied_head``): after every sync
+    they would tell the user something is wrong when nothing is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.endswith("Failed to load weights") and msg.split(":")[0] in ("RotaryEmbedding", "ParallelLMHead"))
+
+
+class _SetNumThreadsWarnings(logging.Filter):
+    """vLLM's CPU worker replaces torch.set_num_threads with a function that warns; libraries in the
+    same process call it on every batch, which floods the log with a warning about nothing we control."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
+logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_SetNumThreadsWarnings())
 
 
 def _unpack(payload):

@@ -36,6 +36,11 @@ class RewardModelConfig(BaseModel):
     """Folder of an existing reward model (sequence classification, num_labels=1): used as is, no training."""
     extra_pairs: list[str] = Field(default_factory=list)
     """User-given preference files (.jsonl/.json/.parquet) with prompt/chosen/rejected, added to the training pairs."""
+    stdlib_pairs: int = Field(0, ge=0)
+    """Pairs derived from CPython's standard-library docstrings (reward/stdlib_pairs.py: chosen = a function's
+    docstring paragraph, rejected = another function's, or the same one cut short) added to the training and
+    held-out pairs, at most this many. Real text that ships with Python: the embedded default uses it because a
+    demo-sized filter stage yields only a handful of pairs. 0: none."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Share of pairs held out (chosen by a hash of the pair id, so stable across reruns) to measure accuracy."""
     learning_rate: float = Field(1e-5, gt=0)

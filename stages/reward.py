@@ -9,6 +9,7 @@ the DPO stage scores.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from reward.train import RewardModelConfig
@@ -30,9 +31,15 @@ def run(ctx) -> None:
              for i, r in enumerate(ctx.read("preferences").to_list())]
     for path in cfg.extra_pairs:
         pairs.extend(load_pairs_file(path))
+    if cfg.stdlib_pairs:
+        from reward.stdlib_pairs import preference_records, stdlib_docs
+
+        docs = stdlib_docs()[: cfg.stdlib_pairs]
+        pairs.extend({**r, "source": "stdlib_docstrings"} for r in preference_records(docs, seed=cfg.seed))
     out = ctx.output_path("reward_model")
     train, held = split_pairs(pairs, cfg.eval_fraction, ctx.seed + cfg.seed)
-    metrics: dict = {"pairs": len(pairs), "eval_pairs": len(held)}
+    metrics: dict = {"pairs": len(pairs), "eval_pairs": len(held),
+                     "pairs_by_source": dict(Counter(str(p.get("source", "preferences")) for p in pairs))}
     if cfg.pretrained:
         src = check_reward_model(cfg.pretrained)
         shutil.rmtree(out)
@@ -46,6 +53,9 @@ def run(ctx) -> None:
         ctx.used_ray = True
         with RewardPool(Path(out), cfg.scoring) as pool:
             acc = pairwise_accuracy(pool.score, held)
+            own = [p for p in held if p.get("source") != "stdlib_docstrings"]
+            if cfg.stdlib_pairs and own:  # the filter stage's own pairs, apart from the built-in ones
+                metrics["eval_accuracy_filter_pairs"] = pairwise_accuracy(pool.score, own)["accuracy"]
         metrics.update({"eval_accuracy": acc["accuracy"], "eval_margin": acc["margin"]})
         ctx.log.info("reward model: held-out pairwise accuracy %.3f on %d pairs", acc["accuracy"], len(held))
     ctx.metrics.update(metrics)

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -81,7 +81,7 @@ class DistributedSettings(BaseModel):
 
     backend: Literal["ray", "local"] = "ray"
     """ray: a Ray Train TorchTrainer job (on CPU: one worker). local: run the same worker function in-process."""
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Training workers. auto: one per GPU in the Ray cluster, or 1 on CPU."""
     use_gpu: bool | Literal["auto"] = "auto"
     """Workers use GPUs. auto: when the Ray cluster has GPUs."""
@@ -707,7 +707,7 @@ def _ray_train(spec: dict, cfg: SFTStageConfig, work: Path) -> dict:
     trainer = TorchTrainer(
         loop, train_loop_config=spec,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=cfg.distributed.storage_path or str(work / "ray_train"),
+        run_config=RunConfig(storage_path=_storage_uri(cfg.distributed.storage_path, work),
                              name="sft"),
     )
     try:
@@ -725,6 +725,13 @@ def _ray_train(spec: dict, cfg: SFTStageConfig, work: Path) -> dict:
     summary["workers"] = workers
     summary["use_gpu"] = use_gpu
     return summary
+
+
+def _storage_uri(configured: str | None, work: Path) -> str:
+    """Ray Train's storage path: a URI (s3://, gs://...) as given, a local path made absolute (Ray requires it)."""
+    if configured and "://" in configured:
+        return configured
+    return str(Path(configured or work / "ray_train").resolve())
 
 
 def _steady(phases: list[dict]) -> float | None:
@@ -769,7 +776,8 @@ def train_sft(records: Sequence[dict] | Any, cfg: SFTStageConfig, output_dir: st
         raise ValueError("sft: no model to fine-tune; fix: set sft.model or a model role (sft.model_role)")
     model_path = str(resolve_model(cfg.model or model))
     train, heldout = split_heldout(records, cfg.heldout_fraction, cfg.heldout_max_records, seed)
-    work = Path(work_dir)
+    # Absolute paths: Ray Train wants an absolute storage path, and its workers run in another folder.
+    work, output_dir = Path(work_dir).resolve(), Path(output_dir).resolve()
     key = _state_key(cfg, model_path, train, heldout, seed)
     state_file = work / "state.json"
     if work.exists() and (not state_file.exists() or json.loads(state_file.read_text()).get("key") != key):
