@@ -29,7 +29,9 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/posttrain demo
+	# Builds the embedded models once (cached), then runs the whole graph; a rerun skips finished stages.
+	$(BIN)/posttrain models prepare
+	$(BIN)/posttrain run configs/default.yaml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -490,6 +490,38 @@ class Runner:
         if problems:
             raise RunError("\n".join(problems))
 
+    def check_model_folders(self, only: str | None = None) -> None:
+        """Before any work: every model folder a stage to run names (through a role, or directly) exists and
+        holds a model. Otherwise a missing folder would surface only when that stage starts, after the earlier
+        stages ran. Embedded names are skipped: they are built on first use."""
+        from pipeline.models import EMBEDDED, ModelError, resolve_model
+        from pipeline.stage import _RoleMarker
+
+        users: dict[str, list[str]] = {}
+        for name in [only] if only else self.order:
+            section = self.cfg.stage_config(name)
+            if section is None:
+                continue
+            for field_name, info in type(section).model_fields.items():
+                value = getattr(section, field_name)
+                if any(isinstance(m, _RoleMarker) for m in info.metadata) and value:
+                    users.setdefault(value, []).append(name)
+                elif isinstance(value, dict):  # e.g. answer.routes: domain -> role
+                    for v in value.values():
+                        if isinstance(v, str) and v in self.cfg.models:
+                            users.setdefault(v, []).append(name)
+        problems = []
+        for role, stages in sorted(users.items()):
+            model = self.cfg.models[role].model if role in self.cfg.models else None
+            if model is None or model in EMBEDDED:
+                continue
+            try:
+                resolve_model(model)
+            except ModelError as exc:
+                problems.append(f"models.{role}.model (used by {', '.join(dict.fromkeys(stages))}): {exc}")
+        if problems:
+            raise RunError("\n".join(problems))
+
     def _parts(self, name: str, input_fps: dict[str, str | None], roles: list[str]) -> dict:
         st = self.stages[name]
         section = self.cfg.stage_config(name)
@@ -578,6 +610,7 @@ class Runner:
             done: list[PlanItem] = []
             try:
                 self.check_inputs(only)
+                self.check_model_folders(only)
                 atomic_write_text(root / "config.yaml", dump_config(self.cfg))
                 out_fps = self._initial_out_fps()
                 reran: list[str] = []

@@ -23,7 +23,6 @@ def run(ctx) -> None:
         normalize_pair,
         pairwise_accuracy,
         split_pairs,
-        train_reward_model,
     )
 
     cfg: RewardModelConfig = ctx.config
@@ -47,7 +46,12 @@ def run(ctx) -> None:
         metrics["pretrained"] = str(src)
     else:
         ctx.release_pools()  # training needs the memory the vLLM engines hold
-        metrics.update(train_reward_model(train, cfg, out, log_metrics=lambda row, step: ctx.log_metrics(row, step)))
+        ctx.ensure_ray()
+        ctx.used_ray = True
+        trained, rows = _train_in_own_process(train, cfg, out)
+        for row, step in rows:
+            ctx.log_metrics(row, step)
+        metrics.update(trained)
     if held:
         ctx.ensure_ray()
         ctx.used_ray = True
@@ -59,6 +63,34 @@ def run(ctx) -> None:
         metrics.update({"eval_accuracy": acc["accuracy"], "eval_margin": acc["margin"]})
         ctx.log.info("reward model: held-out pairwise accuracy %.3f on %d pairs", acc["accuracy"], len(held))
     ctx.metrics.update(metrics)
+
+
+def _train_in_own_process(train: list[dict], cfg: RewardModelConfig, out: Path) -> tuple[dict, list]:
+    """Train in a Ray worker process that exits afterwards (``max_calls=1``).
+
+    Trained in the driver, the freed optimizer and activation memory stays in the driver's heap (glibc does not
+    hand it back), and the online DPO stage that follows, which trains the policy in the driver next to its
+    engines, ran out of memory on a 24 GiB machine.
+    """
+    import os
+
+    import ray
+
+    def train_task(train, cfg, out):
+        import torch
+
+        from reward.train import train_reward_model
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        rows: list = []
+        trained = train_reward_model(train, cfg, out, log_metrics=lambda row, step: rows.append((row, step)))
+        return trained, rows
+
+    threads = str(len(os.sched_getaffinity(0)))  # Ray would pin torch to the task's 1 reserved CPU
+    task = ray.remote(num_cpus=1, max_calls=1, max_retries=0,
+                      runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}})(
+        train_task)
+    return ray.get(task.remote(train, cfg, str(Path(out).resolve())))
 
 
 def _make_stage():

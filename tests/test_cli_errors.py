@@ -88,6 +88,9 @@ def w(tmp_path_factory) -> dict[str, str]:
         "run_dir": str(root / "run_tok"), "graph": ["seeds"],
         "stages": {"seeds": {"tokenizer": str(root / "models" / "nosuch"),
                              "sources": [{"kind": "book", "module": "pydoc_data.topics:topics"}]}}})
+    files["role_model_missing"] = _dump(root / "role_model_missing.yaml", {
+        "run_dir": str(root / "run_role"), "graph": ["seeds", "generate"],
+        "models": {"policy": {"model": str(root / "models" / "gone")}}})
     (root / "not-a-run").write_text("a file\n")
     return files
 
@@ -155,6 +158,10 @@ CASES = [
     ("model-folder-missing", ["stage", "seeds", "{seeds_tokenizer}", "-q"], 1,
      ["stage seeds failed: model folder {root}/models/nosuch does not exist",
       "fix: give an existing transformers model folder or one of the embedded names"]),
+    # a role's model folder is checked before any stage runs (not when the stage that needs it starts)
+    ("model-folder-of-a-role-missing", ["run", "{role_model_missing}", "-q"], 1,
+     ["models.policy.model (used by generate): model folder {root}/models/gone does not exist",
+      "fix: give an existing transformers model folder"]),
 ]
 
 
