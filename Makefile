@@ -39,6 +39,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.generation
+	$(BIN)/python -m benchmarks.stages
+	$(BIN)/python -m benchmarks.sft
+	$(BIN)/python -m benchmarks.dpo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -439,8 +439,12 @@ class WorkerPool:
         import ray
         import torch
 
+        from pipeline.memory import release_freed_memory
         from pipeline.weight_sync import checkpoint_format_tensors, pack_tensors, payload_bytes
 
+        # A sync usually follows a training step in this process: return its freed heap before the export
+        # allocates the payload (the engines and the trainer share the RAM on a CPU machine).
+        release_freed_memory()
         t0 = time.perf_counter()
         target = dtype or getattr(torch, self.dtype)
         packed = pack_tensors(checkpoint_format_tensors(model, target))
