@@ -444,6 +444,18 @@ def _heldout_nll(trainer, dataset) -> float | None:
     return float(metrics["eval_loss"])
 
 
+def _leave_single_process_group() -> None:
+    """One training process: leave the process group Ray Train set up, so that transformers does not wrap the
+    model in DDP: over one process DDP only adds work (every gradient copied into its buckets, the autograd graph
+    walked for unused experts at every step)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):  # accelerate would set the group up again
+        os.environ.pop(var, None)
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -523,6 +535,8 @@ def train_worker(spec: dict) -> dict:
     out_dir = Path(spec["output_dir"])
     if not spec["use_gpu"]:
         torch.set_num_threads(cfg.distributed.torch_threads or len(os.sched_getaffinity(0)))
+    if spec["world_size"] == 1:
+        _leave_single_process_group()
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and spec["use_gpu"])
