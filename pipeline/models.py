@@ -104,13 +104,15 @@ def _check_writable(dest: Path) -> None:
         ) from None
 
 
-def _write_atomically(dest: Path, build, record: dict) -> Path:
-    """Build a model folder aside with ``build(tmpdir)`` and rename it into place."""
+def write_folder_atomically(dest: Path, build, record: dict | None = None) -> Path:
+    """Build a model folder aside with ``build(tmpdir)`` and rename it into place (a kill leaves the old
+    folder or the new one, never half of one). ``record`` is written as ``posttrain.json`` in it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         build(tmp)
-        (tmp / "posttrain.json").write_text(json.dumps(record, indent=2))
+        if record is not None:
+            (tmp / "posttrain.json").write_text(json.dumps(record, indent=2))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -161,7 +163,7 @@ def prepare_dense(force: bool = False) -> Path:
         return dest
     _check_writable(dest)
     dense, tok = load_dense_from_gguf(gguf)
-    return _write_atomically(dest, lambda tmp: _save(dense, tok, tmp), record)
+    return write_folder_atomically(dest, lambda tmp: _save(dense, tok, tmp), record)
 
 
 def prepare_moe(cfg: UpcycleConfig | None = None, force: bool = False, name: str = MOE) -> Path:
@@ -182,7 +184,7 @@ def prepare_moe(cfg: UpcycleConfig | None = None, force: bool = False, name: str
     dense = LlamaForCausalLM.from_pretrained(dense_path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(dense_path)
     moe = upcycle(dense, cfg, calibration=calibration_ids(tok))
-    return _write_atomically(dest, lambda tmp: _save(moe, tok, tmp), record)
+    return write_folder_atomically(dest, lambda tmp: _save(moe, tok, tmp), record)
 
 
 def calibration_ids(tok, n_docs: int = 12, max_tokens: int = 256) -> list:
@@ -233,8 +235,8 @@ def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Pa
         for module in moe.modules():
             if hasattr(module, "gate_up_proj") and module.gate_up_proj.dim() == 3:
                 module.gate_up_proj.add_(torch.randn_like(module.gate_up_proj) * 0.02)
-    _write_atomically(d_dest, lambda tmp: _save(dense, tok, tmp), record)
-    _write_atomically(m_dest, lambda tmp: _save(moe, tok, tmp), record)
+    write_folder_atomically(d_dest, lambda tmp: _save(dense, tok, tmp), record)
+    write_folder_atomically(m_dest, lambda tmp: _save(moe, tok, tmp), record)
     return d_dest, m_dest
 
 

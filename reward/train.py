@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,7 +153,7 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.models import resolve_model
+    from pipeline.models import resolve_model, write_folder_atomically
 
     if not train_pairs:
         raise ValueError("no preference pairs to train the reward model on; fix: check the filter stage's "
@@ -195,18 +194,8 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
             raise ValueError(f"every training pair is longer than reward.max_length={cfg.max_length} tokens; "
                              "fix: raise reward.max_length")
         trainer.train()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "posttrain.json").write_text(json.dumps({"kind": "reward_model", "base": str(base),
-                                                        "train_pairs": len(data)}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_folder_atomically(out, lambda tmp: (trainer.model.save_pretrained(tmp), tok.save_pretrained(tmp)),
+                            {"kind": "reward_model", "base": str(base), "train_pairs": len(data)})
     last = history[-1] if history else {}
     return {"train_loss": last.get("loss", float("nan")), "train_accuracy": last.get("accuracy", float("nan")),
             "train_steps": float(trainer.state.global_step), "train_pairs": float(len(data))}

@@ -613,16 +613,9 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def _save_model_atomically(model, tokenizer, dest: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    from pipeline.models import write_folder_atomically
+
+    write_folder_atomically(dest, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 def _round_dir(work: Path, r: int) -> Path:
