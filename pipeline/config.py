@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from pipeline.pool import PoolConfig
 from pipeline.registry import DEFAULT_GRAPH, DEFAULT_STAGES, RegistryError, plugin_stages, resolve_stages
-from pipeline.stage import ModelRole, Stage, _RoleMarker
+from pipeline.stage import ModelRole, Stage, roles_named
 
 __all__ = ["ConfigError", "ModelRole", "RayConfig", "RunConfig", "StageResources", "build_config", "load_config"]
 
@@ -309,13 +309,9 @@ def _check_roles(cfg: RunConfig, source: str, origins: dict) -> list[str]:
     """Stage config fields typed ModelRole must name a role of ``models``."""
     problems = []
     for name in cfg.enabled:
-        section = cfg.stage_config(name)
-        for field_name, info in type(section).model_fields.items():
-            if not any(isinstance(m, _RoleMarker) for m in info.metadata):
-                continue
-            role = getattr(section, field_name)
-            if role is not None and role not in cfg.models:
-                path = ("stages", name, field_name)
+        for field_path, role in roles_named(cfg.stage_config(name)):
+            if role not in cfg.models:
+                path = ("stages", name, *field_path.split("."))
                 problems.append(f"{_source(path, source, origins)}: {'.'.join(path)}: model role {role!r} is not "
                                 f"defined; defined roles: {', '.join(cfg.models) or '(none)'}; "
                                 f"fix: add models.{role} or use a defined role")

@@ -495,21 +495,13 @@ class Runner:
         holds a model. Otherwise a missing folder would surface only when that stage starts, after the earlier
         stages ran. Embedded names are skipped: they are built on first use."""
         from pipeline.models import EMBEDDED, ModelError, resolve_model
-        from pipeline.stage import _RoleMarker
+        from pipeline.stage import roles_named
 
         users: dict[str, list[str]] = {}
         for name in [only] if only else self.order:
             section = self.cfg.stage_config(name)
-            if section is None:
-                continue
-            for field_name, info in type(section).model_fields.items():
-                value = getattr(section, field_name)
-                if any(isinstance(m, _RoleMarker) for m in info.metadata) and value:
-                    users.setdefault(value, []).append(name)
-                elif isinstance(value, dict):  # e.g. answer.routes: domain -> role
-                    for v in value.values():
-                        if isinstance(v, str) and v in self.cfg.models:
-                            users.setdefault(v, []).append(name)
+            for _, role in roles_named(section) if section is not None else ():
+                users.setdefault(role, []).append(name)
         problems = []
         for role, stages in sorted(users.items()):
             model = self.cfg.models[role].model if role in self.cfg.models else None

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import time
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,26 @@ class _RoleMarker:
 ModelRole = Annotated[str, _RoleMarker()]
 """Type for a stage config field that names a model role (e.g. ``model: ModelRole = "policy"``):
 the run config is rejected before any work when the role is not defined under ``models:``."""
+
+
+def _is_role(annotation_metadata) -> bool:
+    return any(isinstance(m, _RoleMarker) for m in annotation_metadata)
+
+
+def roles_named(section: Any) -> list[tuple[str, str]]:
+    """(field path, role) for every model role a stage config names: fields typed ``ModelRole`` and the
+    values of fields typed ``dict[str, ModelRole]`` (e.g. answer.routes)."""
+    out: list[tuple[str, str]] = []
+    for field_name, info in type(section).model_fields.items():
+        value = getattr(section, field_name)
+        if _is_role(info.metadata):
+            if value is not None:
+                out.append((field_name, value))
+        elif isinstance(value, dict) and typing.get_origin(info.annotation) is dict:
+            value_type = typing.get_args(info.annotation)[1]
+            if _is_role(getattr(value_type, "__metadata__", ())):
+                out.extend((f"{field_name}.{k}", v) for k, v in value.items())
+    return out
 
 
 class StageError(RuntimeError):

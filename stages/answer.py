@@ -31,7 +31,7 @@ class AnswerConfig(BaseModel):
 
     model: ModelRole = "policy"
     """Default model role (a `models.<role>` entry of the run config) for domains without a route."""
-    routes: dict[str, str] = Field(default_factory=dict)
+    routes: dict[str, ModelRole] = Field(default_factory=dict)
     """Domain -> model role, e.g. {math: math_answerer, code: code_answerer}; each role is its own pool."""
     prompts: str = "configs/prompts/answer.yaml"
     """Answer prompt file: optional system message and per-domain suffixes."""
