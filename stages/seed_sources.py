@@ -381,6 +381,16 @@ def load_book(source: SeedSource, skips: SkipLog) -> list[Document]:
     return docs
 
 
+def dataset_texts(source: SeedSource, skips: SkipLog) -> Iterator[tuple[str, str]]:
+    """(location, text) of the rows of the source's `datasets` dataset; rows without text are skipped and counted."""
+    for location, row in iter_dataset_rows(source):
+        text = _text_value(field_value(row, source.text_field))
+        if text is None:
+            skips.skip(location, f"missing or empty field {source.text_field!r}")
+            continue
+        yield location, text
+
+
 def _iter_raw_documents(source: SeedSource, skips: SkipLog, suffixes: tuple[str, ...] | None):
     """(location, text) of each matched file (or dataset row's text_field)."""
     files = expand_paths(source.paths)
@@ -391,12 +401,7 @@ def _iter_raw_documents(source: SeedSource, skips: SkipLog, suffixes: tuple[str,
         if text is not None:
             yield str(path), text
     if source.dataset:
-        for location, row in iter_dataset_rows(source):
-            text = _text_value(field_value(row, source.text_field))
-            if text is None:
-                skips.skip(location, f"missing or empty field {source.text_field!r}")
-                continue
-            yield location, text
+        yield from dataset_texts(source, skips)
 
 
 # -- web QA ------------------------------------------------------------------------------------
@@ -512,12 +517,8 @@ def load_code(source: SeedSource, skips: SkipLog) -> list[Document]:
             continue
         docs.append(Document(text=text, source=str(path), title=path.name, language=language))
     if source.dataset:
-        for location, row in iter_dataset_rows(source):
-            text = _text_value(field_value(row, source.text_field))
-            if text is None:
-                skips.skip(location, f"missing or empty field {source.text_field!r}")
-                continue
-            docs.append(Document(text=text, source=location, language=source.languages[0]))
+        docs.extend(Document(text=text, source=location, language=source.languages[0])
+                    for location, text in dataset_texts(source, skips))
     return docs
 
 
