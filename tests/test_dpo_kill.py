@@ -73,6 +73,7 @@ def test_sigkill_mid_dpo_round_then_resume(ray_session, embedded_models, tmp_pat
     round1_metrics = (rounds / "round_001" / "metrics.json").read_text()
     saved = {r: [json.loads(x)["id"] for x in (rounds / f"round_00{r}" / "pairs.jsonl").read_text().splitlines()]
              for r in (1, 2)}
+    round2_pairs = (rounds / "round_002" / "pairs.jsonl").read_text()
 
     rerun_log = tmp_path / "rerun.log"
     rerun = _run(config, rerun_log, env)
@@ -82,6 +83,9 @@ def test_sigkill_mid_dpo_round_then_resume(ray_session, embedded_models, tmp_pat
     assert store.read_manifest("reward")["state"] == "done"
     assert [r["round"] for r in manifest["metrics"]["rounds"]] == [1, 2]
     assert (rounds / "round_001" / "metrics.json").read_text() == round1_metrics  # round 1 was not redone
+    # round 2 was not resampled: its saved pairs were read back, not rewritten (the run log says so)
+    assert (rounds / "round_002" / "pairs.jsonl").read_text() == round2_pairs
+    assert "dpo round 2: reusing its" in (tmp_path / "run" / "logs" / "run.log").read_text()
     pairs = store.read_dataset("online_pairs").to_list()
     ids = [p["id"] for p in pairs]
     assert len(ids) == len(set(ids)), "a pair was duplicated"
