@@ -1,7 +1,8 @@
 """Online DPO rounds on the embedded default: where each round's wall time goes, and whether the rounds
 raise the policy's reward on held-out prompts.
 
-    python -m benchmarks.dpo [--rounds 2] [--prompts-per-round 8] [--max-tokens 64] [--learning-rate 1e-5]
+    python -m benchmarks.dpo [--rounds 2] [--prompts-per-round 16] [--max-tokens 64] [--learning-rate 2e-5]
+                             [--epochs-per-round 2] [--eval-prompts 32] [--eval-samples 4] [--no-head-comparison]
 
 Setup (not timed in the rounds): the embedded MoE policy (smollm2-moe, 413M, float32) on one vLLM engine
 in a Ray actor; a reward model trained with TRL's RewardTrainer from SmolLM2-135M-Instruct on preference
@@ -17,7 +18,9 @@ Figures (last line, JSON):
 - overhead_fraction: other / total over all rounds. Target < 0.10.
 - eval_reward_sft / eval_reward_final / eval_reward_gain / eval_win_rate: held-out mean reward of the SFT
   policy and of the final policy (paired: same prompts, same request seeds), the gain, and the share of
-  paired samples where the final policy scores higher (ties 0.5). `reward_raised` is gain > 0.
+  paired samples where the final policy scores higher (ties 0.5). `eval_reward_gain_se`: the gain's standard
+  error over held-out prompts (stages/dpo.py ``paired_gain``); `reward_raised` is gain > 2 standard errors.
+  32 prompts x 4 samples: with 16 x 2 the standard error (~0.3) was larger than the effect.
 - plain_head_speedup: seconds of one DPO training round with TRL's fused LM head (its CPU fallback) /
   seconds with our plain-logits head (stages/dpo.py ``_plain_head_forward``), same pairs, same start weights;
   both runs alternate twice. Also `plain_head_loss_rel_diff`: they compute the same loss.
@@ -90,13 +93,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="smollm2-moe")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--prompts-per-round", type=int, default=8)
+    parser.add_argument("--prompts-per-round", type=int, default=16)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--eval-prompts", type=int, default=16)
-    parser.add_argument("--eval-samples", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--epochs-per-round", type=float, default=1.0)
+    parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--epochs-per-round", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-head-comparison", action="store_true", help="skip the fused vs plain LM head runs")
     args = parser.parse_args()
@@ -138,8 +141,9 @@ def main() -> None:
         "cpus": os.cpu_count(), "rounds": rounds, "overhead_fraction": other / total,
         "setup_s": {"engines": setup_s, **result.timings}, "reward_model": rm_info,
         "eval_reward_sft": last["eval_reward_sft_mean"], "eval_reward_final": last["eval_reward_mean"],
-        "eval_reward_gain": last["eval_reward_gain"], "eval_win_rate": last["eval_win_rate"],
-        "eval_pairs": len(result.baseline["rewards"]), "reward_raised": last["eval_reward_gain"] > 0,
+        "eval_reward_gain": last["eval_reward_gain"], "eval_reward_gain_se": last["eval_reward_gain_se"],
+        "eval_win_rate": last["eval_win_rate"],
+        "eval_pairs": len(result.baseline["rewards"]), "reward_raised": last["eval_reward_gain"] > 2 * last["eval_reward_gain_se"],
     }
     if not args.no_head_comparison:
         pairs = preference_records(docs[120:128], seed=2)
@@ -154,7 +158,7 @@ def _round_line(m: dict) -> dict:
     line["other_s"] = m["time_total"] - sum(line[f"{p}_s"] for p in PHASES)
     for key in ("round", "pairs_online", "ties", "reward_mean", "reward_std", "reward_margin", "kl",
                 "rewards_accuracies", "rewards_margins", "loss_total", "loss_dpo", "loss_chosen_nll", "loss_replay_nll",
-                "eval_reward_mean", "eval_reward_gain", "eval_win_rate", "sample_tokens", "train_steps"):
+                "eval_reward_mean", "eval_reward_gain", "eval_reward_gain_se", "eval_win_rate", "sample_tokens", "train_steps"):
         if key in m:
             line[key] = m[key]
     return line

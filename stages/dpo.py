@@ -656,6 +656,21 @@ def _eval_rewards(pool, scorer, prompts, cfg, seed) -> tuple[list[float], int]:
     return flat, sum(len(c.token_ids) for r in results for c in r.completions)
 
 
+def paired_gain(rewards: Sequence[float], baseline: Sequence[float], samples_per_prompt: int) -> dict[str, float]:
+    """Held-out figures of a round against the SFT policy: both lists are flat, prompt-major, same request seeds.
+
+    The gain's standard error treats prompts as the independent units (the samples of one prompt share it), so
+    ``eval_reward_gain / eval_reward_gain_se`` says whether the gain stands out of the sampling noise.
+    """
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, baseline, strict=True)]
+    diffs = [a - b for a, b in zip(rewards, baseline, strict=True)]
+    per_prompt = [statistics.fmean(diffs[i:i + samples_per_prompt]) for i in range(0, len(diffs), samples_per_prompt)]
+    se = statistics.stdev(per_prompt) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
+    return {"eval_reward_mean": statistics.fmean(rewards), "eval_reward_sft_mean": statistics.fmean(baseline),
+            "eval_reward_gain": statistics.fmean(diffs), "eval_reward_gain_se": se,
+            "eval_win_rate": statistics.fmean(wins)}
+
+
 def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], sft_rows: Sequence[dict], cfg: OnlineDPOConfig, work_dir: str | os.PathLike,
                seed: int = 0, log_metrics: Callable[[dict, int], None] | None = None,
@@ -769,10 +784,7 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
             with clock("eval_score"):
                 ev = [s for row in score_results(scorer, eval_prompts, results) for s in row]
             base = baseline["rewards"]
-            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ev, base, strict=True)]
-            eval_metrics = {"eval_reward_mean": statistics.fmean(ev), "eval_reward_sft_mean": statistics.fmean(base),
-                            "eval_reward_gain": statistics.fmean(ev) - statistics.fmean(base),
-                            "eval_win_rate": statistics.fmean(wins)}
+            eval_metrics = paired_gain(ev, base, cfg.eval_samples)
         with clock("checkpoint"):
             _save_model_atomically(policy, tokenizer, rdir / "policy")
             if ema is not None:
@@ -876,6 +888,7 @@ def run(ctx) -> None:
         "rounds": [{k: v for k, v in m.items() if not k.startswith("expert_load")} for m in result.rounds],
         "online_pairs": len(result.pairs), "ties": sum(m.get("ties", 0) for m in result.rounds),
         "final_eval_win_rate": last.get("eval_win_rate"), "final_eval_reward_gain": last.get("eval_reward_gain"),
+        "final_eval_reward_gain_se": last.get("eval_reward_gain_se"),
         "final_kl": last.get("kl"), "ema": cfg.ema_decay is not None,
     })
 
