@@ -4,8 +4,8 @@ train -> in-memory sync), resume after a kill mid-round, and the stage through t
 The data is real text that ships with Python (reward/stdlib_pairs.py: questions about stdlib functions,
 their docstrings as answers). The policy is the random tiny MoE served by the session's `tiny_pool`; the
 reward model is the session's `tiny_reward_model`. Whether two rounds raise the mean reward of the
-*embedded default* (413M MoE policy, 135M reward model) is measured by `python -m benchmarks.dpo`,
-which takes several minutes on this CPU and so is not part of the test suite.
+*embedded default* (413M MoE policy, 135M reward model) is tested in tests/test_dpo_embedded.py and measured
+on a larger budget by `python -m benchmarks.dpo`.
 """
 
 from __future__ import annotations
