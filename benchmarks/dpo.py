@@ -20,7 +20,8 @@ Figures (last line, JSON):
   policy and of the final policy (paired: same prompts, same request seeds), the gain, and the share of
   paired samples where the final policy scores higher (ties 0.5). `eval_reward_gain_se`: the gain's standard
   error over held-out prompts (stages/dpo.py ``paired_gain``); `reward_raised` is gain > 2 standard errors.
-  32 prompts x 4 samples: with 16 x 2 the standard error (~0.3) was larger than the effect.
+  32 prompts x 4 samples: the earlier 16 x 2 default measured a gain of -0.14 whose standard error (not
+  computed then; ~0.3 from the per-sample reward std of 1.7) was larger than the gain.
 - plain_head_speedup: seconds of one DPO training round with TRL's fused LM head (its CPU fallback) /
   seconds with our plain-logits head (stages/dpo.py ``_plain_head_forward``), same pairs, same start weights;
   both runs alternate twice. Also `plain_head_loss_rel_diff`: they compute the same loss.

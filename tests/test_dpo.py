@@ -76,6 +76,19 @@ def test_prompt_budget_is_checked_before_any_work(prompts):
         OnlineDPOConfig(dpo_weight=0, chosen_loss_coef=0)
 
 
+def test_paired_gain_standard_error_is_over_prompts_not_samples():
+    # 3 prompts x 2 samples, prompt-major. Per-prompt mean differences: 1.0, 0.0, 2.0 -> gain 1.0, SE = stdev/sqrt(3).
+    base = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    new = [1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
+    m = dpo.paired_gain(new, base, samples_per_prompt=2)
+    assert m["eval_reward_gain"] == pytest.approx(1.0)
+    assert m["eval_reward_gain_se"] == pytest.approx(1.0 / math.sqrt(3))
+    assert m["eval_win_rate"] == pytest.approx((1 + 1 + 0.5 + 0.5 + 1 + 1) / 6)
+    assert m["eval_reward_sft_mean"] == pytest.approx(2 / 6) and m["eval_reward_mean"] == pytest.approx(8 / 6)
+    # One prompt: no spread to estimate, reported as nan rather than a misleading 0.
+    assert math.isnan(dpo.paired_gain([1.0, 2.0], [0.0, 0.0], samples_per_prompt=2)["eval_reward_gain_se"])
+
+
 # -- loss decomposition ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

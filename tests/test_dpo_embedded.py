@@ -70,7 +70,9 @@ def test_two_rounds_raise_held_out_reward_over_the_sft_policy(moe_pool, embedded
     for m in result.rounds:  # shown with -s or on failure
         print({k: round(v, 3) for k, v in m.items() if k.startswith(('eval_', 'time_', 'kl', 'rewards_acc'))})
     assert [m["round"] for m in result.rounds] == [1, 2]
-    assert last["eval_reward_sft_mean"] == pytest.approx(sum(result.baseline["rewards"]) / 48)
+    base = result.baseline["rewards"]
+    assert len(base) == cfg.eval_prompts * cfg.eval_samples
+    assert last["eval_reward_sft_mean"] == pytest.approx(sum(base) / len(base))
     # Paired over the same 12 prompts x 4 seeds: the trained policy's mean reward is higher, by more than the
     # standard error of the per-prompt differences, and it wins more paired samples than it loses.
     assert last["eval_reward_gain"] > last["eval_reward_gain_se"] > 0, last
