@@ -26,7 +26,12 @@ class RewardPoolConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     """Scoring actors (each loads its own copy of the reward model)."""
     num_cpus_per_worker: float = Field(1.0, gt=0)
-    """Ray CPUs each actor reserves; torch in the actor uses that many threads (at least 1)."""
+    """Ray CPUs each actor reserves; torch in the actor uses that many threads (at least 1) unless
+    `num_threads` says otherwise."""
+    num_threads: int | None = Field(None, ge=1)
+    """Torch threads per actor; None: `num_cpus_per_worker`. More threads than reserved CPUs pays off where
+    scoring never overlaps other work, as in the online DPO loop (sample, then score, then train): on 2 cores
+    48 conversations took 34.5 s with 1 thread and 18.6 s with 2."""
     batch_size: int = Field(16, ge=1)
     """Conversations per forward pass (sorted by length first, so little padding)."""
     max_length: int = Field(1024, ge=16)
@@ -121,7 +126,7 @@ class RewardPool:
         self.config = cfg = config or RewardPoolConfig()
         self.model_path = str(resolve_model(model_path))
         ensure_ray()
-        threads = max(1, int(cfg.num_cpus_per_worker))
+        threads = cfg.num_threads or max(1, int(cfg.num_cpus_per_worker))
         actor_cls = ray.remote(_ScorerActor).options(
             num_cpus=cfg.num_cpus_per_worker,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}})

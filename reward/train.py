@@ -153,6 +153,7 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
+    from pipeline.memory import large_buffers_on_heap
     from pipeline.models import resolve_model, write_folder_atomically
 
     if not train_pairs:
@@ -193,11 +194,20 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
         if len(trainer.train_dataset) == 0:
             raise ValueError(f"every training pair is longer than reward.max_length={cfg.max_length} tokens; "
                              "fix: raise reward.max_length")
-        trainer.train()
+        with large_buffers_on_heap():
+            trainer.train()
     write_folder_atomically(out, lambda tmp: (trainer.model.save_pretrained(tmp), tok.save_pretrained(tmp)),
                             {"kind": "reward_model", "base": str(base), "train_pairs": len(data)})
-    last = history[-1] if history else {}
-    return {"train_loss": last.get("loss", float("nan")), "train_accuracy": last.get("accuracy", float("nan")),
+    # Means over the last epoch's steps: the very last step may hold a single pair (its accuracy is 0 or 1).
+    steps = [h for h in history if "loss" in h and "epoch" in h]
+    final = max((h["epoch"] for h in steps), default=0.0)
+    tail = [h for h in steps if h["epoch"] > final - 1] or steps
+
+    def mean(key: str) -> float:
+        vals = [float(h[key]) for h in tail if key in h]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {"train_loss": mean("loss"), "train_accuracy": mean("accuracy"),
             "train_steps": float(trainer.state.global_step), "train_pairs": float(len(data))}
 
 

@@ -120,6 +120,12 @@ class OnlineDPOConfig(BaseModel):
     """EMA of the policy weights, updated after every optimizer step: ema = d * ema + (1 - d) * weights. When
     set, the EMA is what the engines serve (sampling, held-out evaluation) and what `dpo_model` holds; the raw
     weights keep training. None: no EMA."""
+    stdlib_prompts: int = Field(0, ge=0)
+    """Prompts added to `evolved`'s: questions about the last N public functions of
+    `reward.stdlib_pairs.stdlib_docs()` ("What does the Python function `json.dumps` do?"; the reward stage's
+    `stdlib_pairs` use the first ones, so the reward model never saw these). A demo-sized evolve stage yields
+    a few dozen prompts, and a reward model trained mostly on docstring pairs judges these best. Held-out
+    figures are also reported per prompt source (`eval_reward_gain_evolved`, `eval_reward_gain_stdlib`)."""
     eval_prompts: int = Field(8, ge=0)
     """Held-out prompts (never trained on) for the per-round reward and win rate against the SFT policy."""
     eval_samples: int = Field(2, ge=1)
@@ -143,8 +149,8 @@ class OnlineDPOConfig(BaseModel):
 # Prompts
 
 
-def prompt_rows(evolved: Sequence[dict]) -> list[dict]:
-    """{id, messages} per unique instruction of `evolved` (the first record of a duplicate wins)."""
+def prompt_rows(evolved: Sequence[dict], source: str = "evolved") -> list[dict]:
+    """{id, messages, source} per unique instruction of `evolved` (the first record of a duplicate wins)."""
     out, seen = [], set()
     for i, row in enumerate(evolved):
         text = row.get("instruction")
@@ -155,8 +161,21 @@ def prompt_rows(evolved: Sequence[dict]) -> list[dict]:
             continue
         seen.add(text)
         out.append({"id": str(row.get("id") or hashlib.sha1(text.encode()).hexdigest()[:16]),
-                    "messages": [{"role": "user", "content": text}]})
+                    "messages": [{"role": "user", "content": text}], "source": source})
     return out
+
+
+def stdlib_prompt_rows(n: int) -> list[dict]:
+    """Prompt rows about the last ``n`` functions of ``stdlib_docs()`` (see `OnlineDPOConfig.stdlib_prompts`)."""
+    from reward.stdlib_pairs import prompt_records, stdlib_docs
+
+    if n == 0:
+        return []
+    docs = stdlib_docs()
+    if n > len(docs):
+        raise ValueError(f"dpo.stdlib_prompts={n} but this Python has {len(docs)} documented stdlib functions; "
+                         f"fix: set dpo.stdlib_prompts <= {len(docs)}")
+    return prompt_rows(prompt_records([name for name, _ in docs[-n:]]), source="stdlib")
 
 
 def split_prompts(prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -545,6 +564,8 @@ def train_round(policy, ref_model, tokenizer, pairs: Sequence[dict], replay: Seq
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
+    from pipeline.memory import large_buffers_on_heap
+
     data = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     cls = replay_dpo_trainer_class()
     callbacks = [_ema_callback(ema, cfg.ema_decay)] if ema is not None and cfg.ema_decay else []
@@ -555,7 +576,8 @@ def train_round(policy, ref_model, tokenizer, pairs: Sequence[dict], replay: Seq
         dpo_weight=cfg.dpo_weight, chosen_coef=cfg.chosen_loss_coef, plain_head=plain_head)
     trainer.remove_callback(PrinterCallback)
     try:
-        trainer.train()
+        with large_buffers_on_heap():
+            trainer.train()
     finally:
         _unpatch(policy, ref_model)
     rows = [h for h in trainer.state.log_history if "loss" in h]
@@ -671,6 +693,21 @@ def paired_gain(rewards: Sequence[float], baseline: Sequence[float], samples_per
             "eval_win_rate": statistics.fmean(wins)}
 
 
+def held_out_metrics(prompts: Sequence[dict], rewards: Sequence[float], baseline: Sequence[float],
+                     samples_per_prompt: int) -> dict[str, float]:
+    """``paired_gain`` over all held-out prompts, and per prompt source (suffixed keys) when there are several."""
+    out = paired_gain(rewards, baseline, samples_per_prompt)
+    sources = sorted({p.get("source", "evolved") for p in prompts})
+    if len(sources) > 1:
+        for src in sources:
+            idx = [i * samples_per_prompt + j for i, p in enumerate(prompts) if p.get("source", "evolved") == src
+                   for j in range(samples_per_prompt)]
+            part = paired_gain([rewards[i] for i in idx], [baseline[i] for i in idx], samples_per_prompt)
+            out.update({f"{k}_{src}": v for k, v in part.items() if k != "eval_reward_sft_mean"})
+            out[f"eval_prompts_{src}"] = len(idx) // samples_per_prompt
+    return out
+
+
 def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], sft_rows: Sequence[dict], cfg: OnlineDPOConfig, work_dir: str | os.PathLike,
                seed: int = 0, log_metrics: Callable[[dict, int], None] | None = None,
@@ -783,8 +820,7 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
                 results = sample(pool, eval_prompts, cfg.eval_samples, cfg, seed, "dpo-eval")
             with clock("eval_score"):
                 ev = [s for row in score_results(scorer, eval_prompts, results) for s in row]
-            base = baseline["rewards"]
-            eval_metrics = paired_gain(ev, base, cfg.eval_samples)
+            eval_metrics = held_out_metrics(eval_prompts, ev, baseline["rewards"], cfg.eval_samples)
         with clock("checkpoint"):
             _save_model_atomically(policy, tokenizer, rdir / "policy")
             if ema is not None:
@@ -856,7 +892,7 @@ def run(ctx) -> None:
     cfg: OnlineDPOConfig = ctx.config
     sft_path = ctx.input_path("sft_model")
     reward_path = ctx.input_path("reward_model")
-    prompts = prompt_rows(ctx.read("evolved").to_list())
+    prompts = prompt_rows(ctx.read("evolved").to_list()) + stdlib_prompt_rows(cfg.stdlib_prompts)
     train_p, eval_p = split_prompts(prompts, cfg, ctx.seed)
     offline = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in ctx.read("preferences").to_list()]
     sft_rows = ctx.read("sft").to_list() if cfg.sft_replay_coef > 0 else []
@@ -889,6 +925,8 @@ def run(ctx) -> None:
         "online_pairs": len(result.pairs), "ties": sum(m.get("ties", 0) for m in result.rounds),
         "final_eval_win_rate": last.get("eval_win_rate"), "final_eval_reward_gain": last.get("eval_reward_gain"),
         "final_eval_reward_gain_se": last.get("eval_reward_gain_se"),
+        **{f"final_{k}": v for k, v in last.items() if k.startswith(("eval_reward_gain_", "eval_win_rate_"))
+           and k != "eval_reward_gain_se"},
         "final_kl": last.get("kl"), "ema": cfg.ema_decay is not None,
     })
 

@@ -530,6 +530,8 @@ def train_worker(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
+    from pipeline.memory import large_buffers_on_heap
+
     cfg = SFTStageConfig.model_validate(spec["config"])
     work = Path(spec["work_dir"])
     out_dir = Path(spec["output_dir"])
@@ -606,7 +608,8 @@ def train_worker(spec: dict) -> dict:
         if ckpts:
             resume = str(ckpts[-1])
         t0 = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume)
+        with large_buffers_on_heap():
+            result = trainer.train(resume_from_checkpoint=resume)
         wall = time.perf_counter() - t0
         tokens = int(trainer._total_train_tokens)  # TRL's count of non-padding tokens trained on
         runtime = float(result.metrics.get("train_runtime", wall))

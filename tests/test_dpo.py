@@ -89,6 +89,30 @@ def test_paired_gain_standard_error_is_over_prompts_not_samples():
     assert math.isnan(dpo.paired_gain([1.0, 2.0], [0.0, 0.0], samples_per_prompt=2)["eval_reward_gain_se"])
 
 
+def test_held_out_figures_are_split_by_prompt_source():
+    # Prompts e1, s1, e2 (2 samples each): the stdlib prompt gains 2.0, the evolved ones 0.0 and -1.0.
+    prompts = [{"id": "e1", "source": "evolved"}, {"id": "s1", "source": "stdlib"}, {"id": "e2", "source": "evolved"}]
+    base = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    new = [0.0, 0.0, 2.0, 2.0, 0.0, 0.0]
+    m = dpo.held_out_metrics(prompts, new, base, samples_per_prompt=2)
+    assert m["eval_reward_gain"] == pytest.approx(1 / 3)
+    assert m["eval_reward_gain_stdlib"] == pytest.approx(2.0) and m["eval_win_rate_stdlib"] == 1.0
+    assert m["eval_reward_gain_evolved"] == pytest.approx(-0.5) and m["eval_win_rate_evolved"] == 0.25
+    assert m["eval_prompts_stdlib"] == 1 and m["eval_prompts_evolved"] == 2
+    # One source: no per-source keys.
+    assert set(dpo.held_out_metrics(prompts[:1], new[:2], base[:2], 2)) == set(dpo.paired_gain(new[:2], base[:2], 2))
+
+
+def test_stdlib_prompts_are_the_functions_the_reward_stage_does_not_use():
+    docs = stdlib_docs()
+    rows = dpo.stdlib_prompt_rows(5)
+    assert [r["messages"][0]["content"] for r in rows] == [f"What does the Python function `{n}` do?"
+                                                           for n, _ in docs[-5:]]
+    assert {r["source"] for r in rows} == {"stdlib"} and dpo.stdlib_prompt_rows(0) == []
+    with pytest.raises(ValueError, match=r"dpo.stdlib_prompts=100000 .* fix: set dpo.stdlib_prompts <= "):
+        dpo.stdlib_prompt_rows(100_000)
+
+
 # -- loss decomposition ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
