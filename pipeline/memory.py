@@ -43,7 +43,7 @@ def large_buffers_on_heap() -> Iterator[None]:
     glibc serves every allocation over 32 MB (a batch's logits, the embedding gradient, the MoE expert buffers)
     with a fresh ``mmap`` and unmaps it on free, so each training step page-faults and zeroes those gigabytes
     again. Measured on one online DPO round of the embedded 413M policy on 2 cores: 66.0 s wall with 13.4 s
-    of it in the kernel (5.6 M page faults), 53.3 s with this block (4.7 s kernel, 1.8 M faults), peak RSS
+    of it in the kernel (5.6 M page faults), 55.5 s with this block (5.3 s kernel, 1.8 M faults), peak RSS
     13.4 -> 13.8 GB. jemalloc or tcmalloc would do the same, but need LD_PRELOAD before the process starts.
     On exit the defaults come back and the freed heap is returned to the OS. A no-op where libc is not glibc.
     """

@@ -5,9 +5,9 @@ stands in for the SFT policy (it is the upcycled SmolLM2-135M-Instruct, which is
 from). The reward model is trained here with TRL's RewardTrainer from SmolLM2-135M-Instruct on preference
 pairs from CPython's docstrings (reward/stdlib_pairs.py), as the embedded default's reward stage does. The
 DPO settings are those of configs/default.yaml (optimizer, batch, learning rate, loss coefficients, one pass
-per round, two scoring threads), with a smaller prompt budget and shorter responses, to fit the suite (5 min 45 s
-of this test alone on 2 cores, reward model included). The comparison is paired: the held-out prompts and request seeds are the same for the SFT policy and for the policy after
-each round. `python -m benchmarks.dpo` measures the same effect on a larger budget.
+per round, two scoring threads), with a smaller prompt budget and shorter responses, to fit the suite (5 min
+45 s of this test alone on 2 cores, reward model included). The comparison is paired: the held-out prompts
+and request seeds are the same for the SFT policy and for the policy after each round. `python -m benchmarks.dpo` measures the same effect on a larger budget.
 """
 
 from __future__ import annotations
