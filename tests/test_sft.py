@@ -278,6 +278,8 @@ def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_mo
     assert metrics["phases"][0]["steps"] == 2 and metrics["phases"][0]["torch_threads"] == 2
     if os.geteuid() == 0:  # allowed to undo Ray's nice 15 for the training worker (distributed.worker_nice: 0)
         assert metrics["phases"][0]["nice"] == 0
+    # the worker trains in a thread: one malloc arena keeps its buffers on the heap (stages.sft._cpu_worker_env)
+    assert metrics["phases"][0]["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX", "1")
     assert metrics["heldout_records"] == 4 and metrics["heldout_nll_before"] is not None
     series = [json.loads(line) for line in (run / "stages" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in series if "loss" in r] == [1, 2]
