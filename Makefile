@@ -39,6 +39,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.generation
+	$(BIN)/python -m benchmarks.sync_profile
 	$(BIN)/python -m benchmarks.stages
 	$(BIN)/python -m benchmarks.sft
 	$(BIN)/python -m benchmarks.dpo
