@@ -280,8 +280,43 @@ def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_mo
         assert metrics["phases"][0]["nice"] == 0
     # the worker trains in a thread: one malloc arena keeps its buffers on the heap (stages.sft._cpu_worker_env)
     assert metrics["phases"][0]["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX", "1")
+    check = metrics["phases"][0]["dropout_loss_check"]  # the recipe's dropout (default) is checked on batch 1
+    assert check["train_loss"] != check["eval_loss"]
     assert metrics["heldout_records"] == 4 and metrics["heldout_nll_before"] is not None
     series = [json.loads(line) for line in (run / "stages" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in series if "loss" in r] == [1, 2]
     model = AutoModelForCausalLM.from_pretrained(run / "models" / "sft_model", dtype=torch.float32)
     assert model.config.architectures == ["Qwen2MoeForCausalLM"]
+
+
+def test_dropout_check_flags_dropout_the_model_was_not_trained_with(embedded_models, tmp_path, caplog):
+    """The embedded policy was pretrained without dropout: the recipe's hidden dropout 0.2 wrecks its training-mode
+    loss, and the stage says so (naming the field); attention dropout alone does not. The RNG stream is untouched."""
+    from trl import SFTConfig
+
+    from stages.sft import _dropout_check
+
+    path = embedded_models["smollm2-moe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = training_chat_template(tok)
+    records = python_doc_sft_records(4, max_chars=300)
+    checks = {}
+    for hidden in (0.2, 0.0):
+        cfg = SFTStageConfig(model=str(path), max_length=96, per_device_train_batch_size=2,
+                             moe=MoETrainingConfig(hidden_dropout=hidden, attention_dropout=0.1))
+        args = SFTConfig(output_dir=str(tmp_path / f"out{hidden}"), per_device_train_batch_size=2, max_length=96,
+                         assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                         disable_tqdm=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        trainer = make_sft_trainer(model, tok, records, cfg, args, None)
+        rng, mode = torch.get_rng_state(), trainer.model.training
+        with caplog.at_level("WARNING", logger="stages.sft"):
+            caplog.clear()
+            checks[hidden] = _dropout_check(trainer, cfg, seed=0)
+            warned = [r.getMessage() for r in caplog.records if "hidden_dropout" in r.getMessage()]
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert trainer.model.training == mode
+        assert checks[hidden]["warned"] == bool(warned)
+    assert checks[0.2]["train_loss"] > checks[0.2]["eval_loss"] + 3 and checks[0.2]["warned"]
+    assert abs(checks[0.0]["train_loss"] - checks[0.0]["eval_loss"]) < 0.5 and not checks[0.0]["warned"]
+    assert checks[0.2]["eval_loss"] == pytest.approx(checks[0.0]["eval_loss"], rel=1e-5)  # same model, same batch
