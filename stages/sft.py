@@ -500,6 +500,12 @@ def _save_phase(trainer, model_in: str, out: Path, tokenizer, original_template,
     _barrier()  # other ranks load this folder for the next phase
 
 
+DROPOUT_GAP_WARN = 1.0
+"""Nats of training-mode loss over eval-mode loss, on the first batch, above which the SFT stage warns that the
+configured dropout wrecks the model (embedded policy: attention dropout 0.1 alone costs 0.07, hidden dropout 0.05
+costs 1.2, 0.2 costs 7)."""
+
+
 def _dropout_check(trainer, cfg: SFTStageConfig, seed: int) -> dict | None:
     """Loss of the model on its first training batch in eval mode and in train mode (MoE dropout on); warns when
     the dropout alone costs over ``DROPOUT_GAP_WARN`` nats, i.e. the model was not trained with such dropout.
@@ -517,20 +523,15 @@ def _dropout_check(trainer, cfg: SFTStageConfig, seed: int) -> dict | None:
     batch = {key: value.to(trainer.model.device) for key, value in trainer.data_collator(rows).items()
              if key in ("input_ids", "attention_mask", "position_ids", "labels") and isinstance(value, torch.Tensor)}
     eval_loss, train_loss = dropout_loss_gap(trainer.model, batch, seed)
-    if train_loss - eval_loss > DROPOUT_GAP_WARN:
+    wrecked = train_loss - eval_loss > DROPOUT_GAP_WARN
+    if wrecked:
         log.warning("sft: with moe.hidden_dropout=%s and moe.attention_dropout=%s the model's loss on its first batch "
                     "is %.2f in training mode vs %.2f without dropout: it was not trained with this much dropout, and "
                     "SFT would mostly teach it to survive it. Fix: lower stages.sft.moe.hidden_dropout (the recipe's "
                     "0.2 is for a model trained with it; configs/default.yaml uses 0.0 for the embedded policy)",
                     cfg.moe.hidden_dropout, cfg.moe.attention_dropout, train_loss, eval_loss)
     return {"eval_loss": round(eval_loss, 4), "train_loss": round(train_loss, 4),
-            "warned": train_loss - eval_loss > DROPOUT_GAP_WARN}
-
-
-DROPOUT_GAP_WARN = 1.0
-"""Nats of training-mode loss over eval-mode loss, on the first batch, above which the SFT stage warns that the
-configured dropout wrecks the model (embedded policy: attention dropout 0.1 alone costs 0.07, hidden dropout 0.05
-costs 1.2, 0.2 costs 7)."""
+            "warned": wrecked}
 
 
 def make_sft_trainer(model, tokenizer, records: Sequence[dict], cfg: SFTStageConfig, args, window: LRWindow | None,
