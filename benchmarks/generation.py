@@ -88,6 +88,17 @@ def bench_hf(path: str, prompts, max_tokens: int, temperature: float, top_p: flo
     return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
 
 
+def plain_copy_seconds(tensors: list, repeats: int = 3) -> float:
+    """Median seconds to clone ``tensors``: the plain in-memory copy a weight sync is compared with."""
+    copies = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dup = [t.clone() for t in tensors]
+        copies.append(time.perf_counter() - t0)
+        del dup
+    return statistics.median(copies)
+
+
 def bench_sync(pool, path: str, repeats: int = 3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,15 +108,8 @@ def bench_sync(pool, path: str, repeats: int = 3) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pool.sync_weights(model)  # warm-up
     runs = [pool.sync_weights(model) for _ in range(repeats)]
-    tensors = [t for _, t in checkpoint_format_tensors(model, torch.float32)]
-    copies = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dup = [t.clone() for t in tensors]
-        copies.append(time.perf_counter() - t0)
-        del dup
     sync_s = statistics.median(r["total_s"] for r in runs)
-    copy_s = statistics.median(copies)
+    copy_s = plain_copy_seconds([t for _, t in checkpoint_format_tensors(model, torch.float32)], repeats)
     parts = {k: round(statistics.median(r[k] for r in runs), 3) for k in ("export_s", "put_s", "load_s", "engine_load_s")}
     return {"sync_s": sync_s, "copy_s": copy_s, "bytes": runs[0]["bytes"], **parts}
 

@@ -46,16 +46,17 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from vllm import LLM
 
+    from benchmarks.generation import plain_copy_seconds
     from pipeline.models import resolve_model
     from pipeline.pool import WORKER_EXTENSION
-    from pipeline.weight_sync import checkpoint_format_tensors
+    from pipeline.weight_sync import checkpoint_format_tensors, payload_bytes
 
     path = str(resolve_model(args.model))
     llm = LLM(model=path, worker_extension_cls=WORKER_EXTENSION, dtype="float32", max_model_len=512,
               enforce_eager=True, enable_chunked_prefill=False, disable_log_stats=True, seed=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     named = checkpoint_format_tensors(model, torch.float32)
-    n_bytes = sum(t.numel() * t.element_size() for _, t in named)
+    n_bytes = payload_bytes(named)
     llm.collective_rpc("posttrain_load_weights", args=(named,))  # warm-up
 
     runs = []
@@ -73,15 +74,8 @@ def main() -> None:
             "moe_prepack_s": _builtin_seconds(stats, "prepack_moe_weight"),
             "tensor_copies_s": _builtin_seconds(stats, "'copy_'"),
         })
-    tensors = [t for _, t in named]
-    copies = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        dup = [t.clone() for t in tensors]
-        copies.append(time.perf_counter() - t0)
-        del dup
+    copy_s = plain_copy_seconds([t for _, t in named])
     med = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
-    copy_s = statistics.median(copies)
     prepack_s = med["onednn_handles_s"] + med["moe_prepack_s"]
     for k, v in med.items():
         print(f"{k}: {v:.3f}s", flush=True)
