@@ -67,6 +67,7 @@ class WeightSyncExtension:
         self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         retied = _refresh_tied_head(self.model_runner.model)
         repacked = _repack_cpu_moe(self.model_runner.model)
+        _reset_fused_gates(self.model_runner.model)
         n_tensors = len(named)
         del named
         # the payload and the replaced weights: measured RSS of a CPU engine grew from ~5 to ~7 GB over a few
@@ -76,6 +77,64 @@ class WeightSyncExtension:
         release_freed_memory()
         return {"tensors": n_tensors, "bytes": n_bytes, "repacked_moe_layers": repacked, "tied_head_refreshed": retied,
                 "seconds": time.perf_counter() - t0}
+
+    def posttrain_shared_plan(self, shapes: dict[str, tuple[int, ...]]) -> dict:
+        """Where each checkpoint tensor goes in a shared segment this engine can load from directly
+        (``pipeline/kernel_load.py``), or why it cannot."""
+        from pipeline.kernel_load import Unsupported, assign_offsets, plan_slots
+
+        dtype = self.model_runner.model_config.dtype
+        try:
+            slots = plan_slots(self.model_runner.model, shapes)
+        except Unsupported as exc:
+            return {"reason": str(exc)}
+        layout = assign_offsets(slots, shapes, torch_element_size(dtype))
+        self._posttrain_plan = (slots, layout["tensors"])
+        return {"layout": layout["tensors"], "nbytes": layout["nbytes"], "dtype": str(dtype).removeprefix("torch.")}
+
+    def posttrain_load_shared(self, path: str, nbytes: int, verify: bool = False) -> dict:
+        """Load the weights the trainer wrote into the segment at ``path`` (laid out by
+        ``posttrain_shared_plan``) straight into the kernels.
+
+        ``verify``: check this loader against vLLM's own: blank every tensor it should write, load,
+        fingerprint the engine; then load the same weights with vLLM's reload and compare. The engine
+        is left as the reload made it, and the result names the first tensor that differed, if any (the
+        pool then stops using this path).
+        """
+        import torch
+
+        from pipeline.kernel_load import blank_slots, fingerprint, fingerprint_difference, load_slots
+
+        t0 = time.perf_counter()
+        slots, layout = self._posttrain_plan
+        segments = self.__dict__.setdefault("_posttrain_segments", {})
+        if path not in segments:
+            try:
+                segments[path] = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+            except (OSError, RuntimeError) as exc:
+                raise RuntimeError(f"cannot map the weight-sync segment {path} ({nbytes} bytes): {exc}; "
+                                   "set pool.sync_transport=object_store") from exc
+        segment = segments[path]
+        model, dtype = self.model_runner.model, self.model_runner.model_config.dtype
+        if verify:  # a tensor the loader forgot would otherwise keep its (maybe equal) old value unnoticed
+            blank_slots(model, slots)
+        load_slots(model, slots, segment, dtype)
+        retied = _refresh_tied_head(model)
+        _reset_fused_gates(model)
+        mismatch = None
+        if verify:
+            direct = fingerprint(model, slots)
+            self._posttrain_reload([(n, segment[o: o + _nbytes(shape, dtype)].view(dtype).view(shape))
+                                    for n, (o, shape) in layout.items()])
+            mismatch = fingerprint_difference(direct, fingerprint(model, slots))
+        return {"tensors": len(layout), "bytes": nbytes, "tied_head_refreshed": retied, "verified": verify,
+                "verify_mismatch": mismatch, "seconds": time.perf_counter() - t0}
+
+    def _posttrain_reload(self, named) -> None:
+        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        _refresh_tied_head(self.model_runner.model)
+        _repack_cpu_moe(self.model_runner.model)
+        _reset_fused_gates(self.model_runner.model)
 
     def posttrain_weight_checksum(self, names: list[str]) -> dict:
         """Sum of each named parameter (as loaded in vLLM's layout), to check a sync took effect."""
@@ -102,6 +161,27 @@ def _refresh_tied_head(model) -> bool:
     if method is not None and hasattr(method, "process_weights_after_loading"):
         method.process_weights_after_loading(head)
     return True
+
+
+def torch_element_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _nbytes(shape, dtype) -> int:
+    n = torch_element_size(dtype)
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _reset_fused_gates(model) -> None:
+    """vLLM's MoE runner may concatenate the router and shared-expert gate weights on its first forward
+    and keep the result: drop it so the next forward concatenates the synced ones."""
+    for module in model.modules():
+        if getattr(module, "_combined_gate_weight", None) is not None:
+            module._combined_gate_weight = None
 
 
 def _repack_cpu_moe(model) -> int:

@@ -6,25 +6,27 @@ while checkpoints and vLLM's ``load_weights`` use per-expert names
 ``save_pretrained`` uses) does that translation, so any architecture transformers can save works
 here without a table of our own.
 
-Tensors travel to the engine actors through Ray's shared-memory object store as raw byte arrays
-(numpy has no bfloat16), which Ray hands to readers without a copy.
+Two transports (``pool.sync_transport``): through Ray's shared-memory object store as raw byte arrays
+(numpy has no bfloat16), which Ray hands to readers without a copy, into vLLM's ``reload_weights``; or,
+for CPU engines on this machine, written once into a ``SharedSegment`` in the layout the engine asked for,
+from which the engine fills its kernels directly (``pipeline/kernel_load.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 
-def checkpoint_format_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-    """The model's weights under checkpoint names, tied duplicates dropped, cast to ``dtype``.
+@contextmanager
+def _model_state(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, dict[str, torch.Tensor]]]:
+    """(base model, its weights by in-memory name), tied duplicates and LoRA tensors dropped.
 
-    A peft model is merged for the export (and unmerged after), so LoRA training syncs too.
+    A peft model is merged while the context is open (and unmerged after), so LoRA training syncs too.
     """
-    from transformers.core_model_loading import revert_weight_conversion
-
     is_peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
     if is_peft:
         model.merge_adapter()
@@ -40,6 +42,20 @@ def checkpoint_format_tensors(model: torch.nn.Module, dtype: torch.dtype | None 
                 continue
             seen.add(ptr)
             state[name.replace(".base_layer.", ".")] = tensor.detach()
+        yield base, state
+    finally:
+        if is_peft:
+            model.unmerge_adapter()
+
+
+def checkpoint_format_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The model's weights under checkpoint names, tied duplicates dropped, cast to ``dtype``.
+
+    A peft model is merged for the export (and unmerged after), so LoRA training syncs too.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with _model_state(model) as (base, state):
         state = revert_weight_conversion(base, state)
         out = []
         for name, tensor in state.items():
@@ -48,9 +64,95 @@ def checkpoint_format_tensors(model: torch.nn.Module, dtype: torch.dtype | None 
                 t = t.to(dtype)
             out.append((name, t.contiguous()))
         return out
-    finally:
-        if is_peft:
-            model.unmerge_adapter()
+
+
+# checkpoint names of an expert's (gate, up, down) projections: Qwen-MoE/DeepSeek style, Mixtral style
+EXPERT_NAME_CONVENTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+@contextmanager
+def checkpoint_views(model: torch.nn.Module, expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+                     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The model's weights under checkpoint names as views of its own tensors: no copy, no conversion.
+
+    transformers keeps MoE experts fused in memory (``experts.gate_up_proj`` [E, 2I, H] with the gate
+    rows first, ``experts.down_proj`` [E, H, I]); each expert's projection is a slice of those.
+    ``expert_names`` are the checkpoint's names for an expert's gate, up and down projections. This is
+    what transformers' ``revert_weight_conversion`` computes for such models, without its per-call
+    cost (~0.1-0.3 s: it compiles its renaming patterns and copies the experts on every call);
+    ``views_match_checkpoint_format`` checks that the two agree before a pool relies on it.
+    """
+    gate, up, down = expert_names
+    with _model_state(model) as (_, state):
+        out = []
+        for name, t in state.items():
+            if name.endswith(".experts.gate_up_proj") and t.dim() == 3:
+                base, inter = name.removesuffix("gate_up_proj"), t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out += [(f"{base}{e}.{gate}.weight", t[e, :inter]), (f"{base}{e}.{up}.weight", t[e, inter:])]
+            elif name.endswith(".experts.down_proj") and t.dim() == 3:
+                base = name.removesuffix("down_proj")
+                out += [(f"{base}{e}.{down}.weight", t[e]) for e in range(t.shape[0])]
+            else:
+                out.append((name, t))
+        yield out
+
+
+def views_match_checkpoint_format(model: torch.nn.Module) -> tuple[tuple[str, str, str] | None, str]:
+    """The expert naming under which ``checkpoint_views`` equals transformers' own export of ``model``
+    (names, shapes and values), or None and the first difference."""
+    reference = dict(checkpoint_format_tensors(model))
+    reason = "no fused experts convention matched"
+    for convention in EXPERT_NAME_CONVENTIONS:
+        with checkpoint_views(model, convention) as views:
+            got = dict(views)
+            if set(got) != set(reference):
+                reason = f"names differ (e.g. {sorted(set(reference) ^ set(got))[0]})"
+                continue
+            bad = next((n for n, t in got.items() if t.shape != reference[n].shape or not torch.equal(t, reference[n])), None)
+            if bad is None:
+                return convention, ""
+            reason = f"{bad} differs from transformers' export"
+    return None, reason
+
+
+class SharedSegment:
+    """A shared-memory buffer the trainer writes weights into and every engine on this machine maps.
+
+    An anonymous memory file (``memfd``): it needs no space in /dev/shm, engines open it by
+    ``/proc/<pid>/fd/<fd>``, and the kernel frees it when the trainer and the engines have closed it,
+    even if the trainer dies. It is kept across syncs, so only the first write faults its pages in.
+    """
+
+    def __init__(self, nbytes: int):
+        import os
+
+        self.nbytes = int(nbytes)
+        self.fd = os.memfd_create("posttrain-weights")
+        os.ftruncate(self.fd, self.nbytes)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.buffer = torch.from_file(self.path, shared=True, size=self.nbytes, dtype=torch.uint8)
+
+    def write(self, named: Iterable[tuple[str, torch.Tensor]], layout: dict[str, tuple[int, tuple[int, ...]]],
+              dtype: torch.dtype) -> int:
+        """Copy (and cast) each tensor into its region; returns the bytes written."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        written = 0
+        with torch.no_grad():
+            for name, t in named:
+                offset, shape = layout[name]
+                n = t.numel() * esize
+                self.buffer[offset: offset + n].view(dtype).view(shape).copy_(t)
+                written += n
+        return written
+
+    def close(self) -> None:
+        import os
+
+        self.buffer = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def pack_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...], np.ndarray]]:

@@ -12,7 +12,15 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.weight_sync import checkpoint_format_tensors, pack_tensors, unpack_tensors
+from pipeline.kernel_load import Slot, Unsupported, assign_offsets, check_names
+from pipeline.weight_sync import (
+    SharedSegment,
+    checkpoint_format_tensors,
+    checkpoint_views,
+    pack_tensors,
+    unpack_tensors,
+    views_match_checkpoint_format,
+)
 
 MESSAGES = [{"role": "user", "content": "What does the Python statement 'assert' do?"}]
 
@@ -127,3 +135,70 @@ def test_sync_of_mismatched_weights_fails_loudly(tiny_pool, embedded_models, bad
     assert ("missing" if bad == "missing" else "another shape") in str(err.value)
     # refused before touching the engine: it still serves the same weights
     assert tiny_pool.completion_logprobs([(MESSAGES, _completion())])[0] == before
+
+
+def test_checkpoint_views_are_transformers_export_without_copies(embedded_models):
+    """The shared-memory sync writes views of the trainer's own tensors; they must be exactly what
+    transformers' revert_weight_conversion exports, and must not copy the experts."""
+    model = AutoModelForCausalLM.from_pretrained(embedded_models["tiny-moe"], dtype=torch.float32)
+    convention, why = views_match_checkpoint_format(model)
+    assert convention == ("gate_proj", "up_proj", "down_proj"), why
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with checkpoint_views(model, convention) as views:
+        assert len(views) == len(checkpoint_format_tensors(model))
+        assert all(t.untyped_storage().data_ptr() in storages for _, t in views)
+        layout, at = {}, 0
+        for name, t in views:
+            layout[name] = (at, tuple(t.shape))
+            at += t.numel() * 2
+        segment = SharedSegment(at)
+        try:
+            assert segment.write(views, layout, torch.bfloat16) == at
+            again = torch.from_file(segment.path, shared=True, size=at, dtype=torch.uint8)  # as an engine maps it
+            name, t = views[-1]
+            offset, shape = layout[name]
+            got = again[offset: offset + t.numel() * 2].view(torch.bfloat16).view(shape)
+            assert torch.equal(got, t.to(torch.bfloat16))
+        finally:
+            segment.close()
+
+
+def test_layout_makes_each_kernel_tensor_one_region():
+    shapes = {"a.q.weight": (4, 3), "a.k.weight": (2, 3), "n.weight": (3,)}
+    slots = [Slot("linear", "a.qkv", "weight", ["a.q.weight", "a.k.weight"], (6, 3)),
+             Slot("copy", "n", "weight", ["n.weight"], (3,))]
+    check_names(slots, shapes)
+    layout = assign_offsets(slots, shapes, element_size=4)
+    q, k = layout["tensors"]["a.q.weight"][0], layout["tensors"]["a.k.weight"][0]
+    assert k == q + 4 * 3 * 4  # k's rows right after q's: the [6, 3] qkv weight is one region
+    assert all(s.offset % 64 == 0 for s in slots) and layout["nbytes"] >= slots[-1].offset + 3 * 4
+    with pytest.raises(Unsupported, match="no place"):
+        check_names(slots, {**shapes, "extra.weight": (1,)})
+    with pytest.raises(Unsupported, match="do not stack"):
+        check_names(slots, {**shapes, "a.k.weight": (2, 5)})
+    with pytest.raises(Unsupported, match="no checkpoint tensor"):
+        check_names(slots, {k: v for k, v in shapes.items() if k != "n.weight"})
+
+
+def test_shared_memory_and_object_store_syncs_serve_the_same_model(tiny_pool, embedded_models):
+    path = embedded_models["tiny-moe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    item = [(MESSAGES, _completion())]
+    old_hf = _hf_logprobs(model, tok, MESSAGES, item[0][1])
+    _perturb(model, scale=0.2, seed=1)
+    new_hf = _hf_logprobs(model, tok, MESSAGES, item[0][1])
+    try:
+        via_store = tiny_pool.sync_weights(model, transport="object_store")
+        store_lps = ray.get([a.completion_logprobs.remote(item) for a in tiny_pool.actors])
+        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))  # back to old
+        via_shared = tiny_pool.sync_weights(model)
+        shared_lps = ray.get([a.completion_logprobs.remote(item) for a in tiny_pool.actors])
+        assert (via_store["transport"], via_shared["transport"]) == ("object_store", "shared_memory")
+        # the pool's first shared-memory sync compared the engines with vLLM's reload of the same weights
+        assert tiny_pool._shared["verified"] and via_shared["check_mismatch"] is None
+        for store, shared in zip(store_lps, shared_lps, strict=True):
+            assert _mad(shared[0], new_hf) <= 1e-2 and _mad(shared[0], old_hf) > 0.05
+            assert _mad(shared[0], store[0]) <= 1e-6  # the same weights in the same kernels
+    finally:
+        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
