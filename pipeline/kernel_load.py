@@ -171,11 +171,16 @@ def assign_offsets(slots: list[Slot], shapes: dict[str, tuple[int, ...]], elemen
 
 
 @torch.no_grad()
-def load_slots(model: torch.nn.Module, slots: list[Slot], segment: torch.Tensor, dtype: torch.dtype) -> None:
-    """Fill the engine from ``segment`` (uint8, the trainer's layout): prepack or copy each slot."""
+def load_slots(model: torch.nn.Module, slots: list[Slot], segment: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
+    """Fill the engine from ``segment`` (uint8, the trainer's layout): prepack or copy each slot.
+    Returns seconds per slot kind."""
+    import time
+
     modules = _modules(model)
     esize = torch.empty((), dtype=dtype).element_size()
+    seconds = dict.fromkeys(("linear", "moe", "copy"), 0.0)
     for s in slots:
+        t0 = time.perf_counter()
         mod = modules[s.module]
         src = segment[s.offset: s.offset + _numel(s.shape) * esize].view(dtype).view(s.shape)
         if s.kind == "copy":
@@ -188,10 +193,14 @@ def load_slots(model: torch.nn.Module, slots: list[Slot], segment: torch.Tensor,
             mod.quant_method.process_weights_after_loading(mod)
             if mod.weight.numel():  # a kernel that computes from the weight itself: give it a private copy
                 mod.weight = torch.nn.Parameter(src.clone(), requires_grad=False)
+        seconds[s.kind] += time.perf_counter() - t0
     for s in slots:  # embeddings: rebuild their (tied head's) GEMM from the new values, as the reload does
         mod = modules[s.module]
         if s.kind == "copy" and s.attr == "weight" and hasattr(mod, "cpu_linear") and hasattr(mod, "quant_method"):
+            t0 = time.perf_counter()
             mod.quant_method.process_weights_after_loading(mod)
+            seconds["linear"] += time.perf_counter() - t0
+    return seconds
 
 
 @torch.no_grad()

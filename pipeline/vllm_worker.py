@@ -104,6 +104,7 @@ class WeightSyncExtension:
         import torch
 
         from pipeline.kernel_load import blank_slots, fingerprint, fingerprint_difference, load_slots
+        from pipeline.memory import large_buffers_on_heap
 
         t0 = time.perf_counter()
         slots, layout = self._posttrain_plan
@@ -118,8 +119,9 @@ class WeightSyncExtension:
         model, dtype = self.model_runner.model, self.model_runner.model_config.dtype
         if verify:  # a tensor the loader forgot would otherwise keep its (maybe equal) old value unnoticed
             blank_slots(model, slots)
-        load_slots(model, slots, segment, dtype)
-        retied = _refresh_tied_head(model)
+        with large_buffers_on_heap(keep_freed=True):  # the new GEMM buffers reuse the old ones' pages
+            parts = load_slots(model, slots, segment, dtype)
+            retied = _refresh_tied_head(model)
         _reset_fused_gates(model)
         mismatch = None
         if verify:
@@ -128,7 +130,8 @@ class WeightSyncExtension:
                                     for n, (o, shape) in layout.items()])
             mismatch = fingerprint_difference(direct, fingerprint(model, slots))
         return {"tensors": len(layout), "bytes": nbytes, "tied_head_refreshed": retied, "verified": verify,
-                "verify_mismatch": mismatch, "seconds": time.perf_counter() - t0}
+                "verify_mismatch": mismatch, "seconds": time.perf_counter() - t0,
+                "parts_s": {k: round(v, 4) for k, v in parts.items()}}
 
     def _posttrain_reload(self, named) -> None:
         self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
