@@ -1,18 +1,19 @@
-"""Where the engine side of a weight sync goes, and the least a sync can cost on this machine.
+"""Where the engine side of a weight sync goes, through each transport.
 
     python -m benchmarks.sync_profile [--model smollm2-moe] [--repeats 2]
 
 Loads the model into a raw in-process ``vllm.LLM`` with our worker extension (the layout of the pool's
-engine actors), exports the transformers model's weights once, and profiles ``posttrain_load_weights``
-(vLLM's in-place reload plus our CPU MoE repack) with cProfile. From the profile it takes the time of the
-kernels that *prepare* weights for vLLM's CPU GEMMs (``create_onednn_mm_handler``: one oneDNN handle per
-linear layer; ``prepack_moe_weight``: the CPU MoE kernel's layout) and of tensor copies, and compares them
-with a plain in-memory copy of the same bytes (``benchmarks.generation``'s ``copy_s``).
+engine actors) and exports the transformers model's weights once. Then:
 
-``floor_vs_copy`` = (prepack seconds + one copy of the bytes) / copy seconds: what any sync into these
-engines must spend at least (the engine has to receive the bytes once and prepack them), i.e. the best
-``sync_vs_copy`` that bypassing vLLM's reload machinery and Ray's object store could reach. On a GPU engine
-there is no prepack step. The last line printed is one JSON object.
+- object store path: profiles ``posttrain_load_weights`` (vLLM's in-place reload plus our CPU MoE repack)
+  with cProfile and takes the time of the kernels that *prepare* weights for vLLM's CPU GEMMs
+  (``create_onednn_mm_handler``: one oneDNN handle per linear layer; ``prepack_moe_weight``: the CPU MoE
+  kernel's layout) and of tensor copies; the rest is vLLM's layerwise reload machinery.
+- shared-memory path: writes the weights into a segment laid out by the engine and times
+  ``posttrain_load_shared`` (no profiler: it reports seconds per slot kind itself).
+
+Both are compared with a plain copy of the same bytes into pre-touched buffers (``benchmarks.generation``'s
+``copy_s``). On a GPU engine there is no prepack step. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -77,15 +78,38 @@ def main() -> None:
     copy_s = plain_copy_seconds([t for _, t in named])
     med = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
     prepack_s = med["onednn_handles_s"] + med["moe_prepack_s"]
-    for k, v in med.items():
+    shared = _shared_loads(llm, model, args.repeats)
+    for k, v in {**med, **shared}.items():
         print(f"{k}: {v:.3f}s", flush=True)
     print(json.dumps({
-        "benchmark": "weight_sync_profile", "model": args.model, "bytes": n_bytes, **med,
-        "prepack_s": round(prepack_s, 3), "copy_s": round(copy_s, 3),
-        "prepack_vs_copy": round(prepack_s / copy_s, 2),
-        "floor_vs_copy": round((prepack_s + copy_s) / copy_s, 2), "target_sync_vs_copy": 5,
+        "benchmark": "weight_sync_profile", "model": args.model, "bytes": n_bytes,
+        "reload": {**med, "prepack_s": round(prepack_s, 3)}, "shared": shared, "copy_s": round(copy_s, 3),
+        "reload_load_vs_copy": round(med["load_s_profiled"] / copy_s, 2),
+        "shared_load_vs_copy": round(shared["load_s"] / copy_s, 2),
         "threads": torch.get_num_threads(), "machine": platform.machine(), "device": "cpu",
     }))
+
+
+def _shared_loads(llm, model, repeats: int) -> dict:
+    """Median engine-side seconds of the shared-memory path (after two warm-up loads, the first of which
+    checks itself against vLLM's reload), total and per slot kind."""
+    import torch
+
+    from pipeline.weight_sync import SharedSegment, checkpoint_views
+
+    with checkpoint_views(model) as views:
+        plan = llm.collective_rpc("posttrain_shared_plan", args=({n: tuple(t.shape) for n, t in views},))[0]
+        segment = SharedSegment(plan["nbytes"])
+        segment.write(views, plan["layout"], getattr(torch, plan["dtype"]))
+    try:
+        runs = [llm.collective_rpc("posttrain_load_shared", args=(segment.path, segment.nbytes, i == 0))[0]
+                for i in range(2 + repeats)][2:]
+    finally:
+        segment.close()
+    out = {"load_s": round(statistics.median(r["seconds"] for r in runs), 3)}
+    for kind in runs[0]["parts_s"]:
+        out[f"{kind}_slots_s"] = round(statistics.median(r["parts_s"][kind] for r in runs), 3)
+    return out
 
 
 if __name__ == "__main__":
