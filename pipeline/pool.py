@@ -553,18 +553,30 @@ class WorkerPool:
         sh["written"] = True
         t1 = time.perf_counter()
         loads = self._load_shared(self.actors)
+        if loads is None:
+            return None
         t2 = time.perf_counter()
         return {"export_s": t1 - t0, "put_s": 0.0, "load_s": t2 - t1, "total_s": t2 - t0, "bytes": n_bytes,
                 "workers": len(loads), "engine_load_s": max(x["seconds"] for x in loads),
                 "transport": "shared_memory", "checked_against_reload": any(x["verified"] for x in loads),
                 "check_mismatch": next((x["verify_mismatch"] for x in loads if x["verify_mismatch"]), None)}
 
-    def _load_shared(self, actors) -> list[dict]:
+    def _load_shared(self, actors) -> list[dict] | None:
+        """Load the segment into ``actors``; None when an engine could not (first sync only: nothing changed)."""
         import ray
 
         sh = self._shared
         seg = sh["segment"]
-        loads = ray.get([a.load_shared.remote(seg.path, seg.nbytes, not sh["verified"]) for a in actors])
+        try:
+            loads = ray.get([a.load_shared.remote(seg.path, seg.nbytes, not sh["verified"]) for a in actors])
+        except ray.exceptions.RayTaskError as exc:
+            if sh["verified"]:
+                raise
+            log.warning("weight sync: an engine could not load from shared memory (%s); syncing through Ray's "
+                        "object store from now on", _ray_cause(exc))
+            seg.close()
+            self._shared = False
+            return None
         bad = next((x["verify_mismatch"] for x in loads if x["verify_mismatch"]), None)
         if bad is not None:
             log.warning("weight sync: loading straight into vLLM's kernels gave %s another value than vLLM's "

@@ -88,6 +88,8 @@ class WeightSyncExtension:
             slots = plan_slots(self.model_runner.model, shapes)
         except Unsupported as exc:
             return {"reason": str(exc)}
+        except Exception as exc:  # vLLM internals this loader relies on changed: keep the reload path
+            return {"reason": f"planning failed on this vLLM build: {type(exc).__name__}: {exc}"}
         layout = assign_offsets(slots, shapes, torch_element_size(dtype))
         self._posttrain_plan = (slots, layout["tensors"])
         return {"layout": layout["tensors"], "nbytes": layout["nbytes"], "dtype": str(dtype).removeprefix("torch.")}
@@ -117,18 +119,24 @@ class WeightSyncExtension:
                                    "set pool.sync_transport=object_store") from exc
         segment = segments[path]
         model, dtype = self.model_runner.model, self.model_runner.model_config.dtype
-        if verify:  # a tensor the loader forgot would otherwise keep its (maybe equal) old value unnoticed
-            blank_slots(model, slots)
-        with large_buffers_on_heap(keep_freed=True):  # the new GEMM buffers reuse the old ones' pages
-            parts = load_slots(model, slots, segment, dtype)
-            retied = _refresh_tied_head(model)
-        _reset_fused_gates(model)
-        mismatch = None
-        if verify:
-            direct = fingerprint(model, slots)
+        mismatch, parts, retied = None, {}, False
+        try:
+            if verify:  # a tensor the loader forgot would otherwise keep its (maybe equal) old value unnoticed
+                blank_slots(model, slots)
+            with large_buffers_on_heap(keep_freed=True):  # the new GEMM buffers reuse the old ones' pages
+                parts = load_slots(model, slots, segment, dtype)
+                retied = _refresh_tied_head(model)
+            _reset_fused_gates(model)
+            direct = fingerprint(model, slots) if verify else None
+        except Exception as exc:
+            if not verify:
+                raise
+            direct, mismatch = None, f"direct load failed: {type(exc).__name__}: {exc}"
+        if verify:  # the reference, and what the engine keeps: vLLM's own reload of the same bytes
             self._posttrain_reload([(n, segment[o: o + _nbytes(shape, dtype)].view(dtype).view(shape))
                                     for n, (o, shape) in layout.items()])
-            mismatch = fingerprint_difference(direct, fingerprint(model, slots))
+            if direct is not None:
+                mismatch = fingerprint_difference(direct, fingerprint(model, slots))
         return {"tensors": len(layout), "bytes": nbytes, "tied_head_refreshed": retied, "verified": verify,
                 "verify_mismatch": mismatch, "seconds": time.perf_counter() - t0,
                 "parts_s": {k: round(v, 4) for k, v in parts.items()}}

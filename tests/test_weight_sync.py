@@ -202,3 +202,24 @@ def test_shared_memory_and_object_store_syncs_serve_the_same_model(tiny_pool, em
             assert _mad(shared[0], store[0]) <= 1e-6  # the same weights in the same kernels
     finally:
         tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+
+def test_sync_falls_back_to_the_object_store_where_shared_memory_does_not_apply(
+        tiny_pool, embedded_models, monkeypatch, caplog):
+    """When the no-copy export cannot be trusted (as for fused experts it does not know), the sync goes
+    through the object store and the log says why; forcing shared memory then fails loudly."""
+    import pipeline.weight_sync as weight_sync
+
+    monkeypatch.setattr(weight_sync, "views_match_checkpoint_format", lambda model: (None, "names differ (e.g. x)"))
+    path = embedded_models["tiny-moe"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    saved, tiny_pool._shared = tiny_pool._shared, None  # as a fresh pool
+    try:
+        with caplog.at_level("INFO", logger="pipeline.pool"):
+            result = tiny_pool.sync_weights(model)
+        assert result["transport"] == "object_store" and "names differ" in caplog.text
+        tiny_pool._shared = None
+        with pytest.raises(ValueError, match="names differ"):
+            tiny_pool.sync_weights(model, transport="shared_memory")
+    finally:
+        tiny_pool._shared = saved
