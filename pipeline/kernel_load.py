@@ -18,6 +18,7 @@ vLLM's reload does for the same weights before it trusts it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,20 +135,13 @@ def check_names(slots: list[Slot], shapes: dict[str, tuple[int, ...]]) -> None:
         missing = [n for n in s.names if n not in shapes]
         if missing:
             raise Unsupported(f"{s.module}.{s.attr}: no checkpoint tensor {missing[0]}")
-        numel = sum(_numel(shapes[n]) for n in s.names)
-        if numel != _numel(s.shape) or any(tuple(shapes[n])[1:] != _rows_of(s.shape) for n in s.names):
+        numel = sum(math.prod(shapes[n]) for n in s.names)
+        if numel != math.prod(s.shape) or any(tuple(shapes[n])[1:] != _rows_of(s.shape) for n in s.names):
             raise Unsupported(f"{s.module}.{s.attr}: {s.names[0]}... do not stack into {s.shape}")
         used.update(s.names)
     unused = sorted(set(shapes) - used)
     if unused:
         raise Unsupported(f"checkpoint tensor {unused[0]} has no place in the engine ({len(unused)} such)")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _rows_of(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -165,7 +159,7 @@ def assign_offsets(slots: list[Slot], shapes: dict[str, tuple[int, ...]], elemen
         at = offset
         for n in s.names:
             layout[n] = (at, tuple(shapes[n]))
-            at += _numel(shapes[n]) * element_size
+            at += math.prod(shapes[n]) * element_size
         offset = -(-at // ALIGN) * ALIGN
     return {"tensors": layout, "nbytes": offset}
 
@@ -177,12 +171,12 @@ def load_slots(model: torch.nn.Module, slots: list[Slot], segment: torch.Tensor,
     import time
 
     modules = _modules(model)
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     seconds = dict.fromkeys(("linear", "moe", "copy"), 0.0)
     for s in slots:
         t0 = time.perf_counter()
         mod = modules[s.module]
-        src = segment[s.offset: s.offset + _numel(s.shape) * esize].view(dtype).view(s.shape)
+        src = segment[s.offset: s.offset + math.prod(s.shape) * esize].view(dtype).view(s.shape)
         if s.kind == "copy":
             getattr(mod, s.attr).data.copy_(src)
         elif s.kind == "moe":

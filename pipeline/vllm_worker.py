@@ -8,6 +8,7 @@ worker process, so it imports nothing heavy at module level.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 
@@ -90,7 +91,7 @@ class WeightSyncExtension:
             return {"reason": str(exc)}
         except Exception as exc:  # vLLM internals this loader relies on changed: keep the reload path
             return {"reason": f"planning failed on this vLLM build: {type(exc).__name__}: {exc}"}
-        layout = assign_offsets(slots, shapes, torch_element_size(dtype))
+        layout = assign_offsets(slots, shapes, dtype.itemsize)
         self._posttrain_plan = (slots, layout["tensors"])
         return {"layout": layout["tensors"], "nbytes": layout["nbytes"], "dtype": str(dtype).removeprefix("torch.")}
 
@@ -133,7 +134,7 @@ class WeightSyncExtension:
                 raise
             direct, mismatch = None, f"direct load failed: {type(exc).__name__}: {exc}"
         if verify:  # the reference, and what the engine keeps: vLLM's own reload of the same bytes
-            self._posttrain_reload([(n, segment[o: o + _nbytes(shape, dtype)].view(dtype).view(shape))
+            self._posttrain_reload([(n, segment[o: o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
                                     for n, (o, shape) in layout.items()])
             if direct is not None:
                 mismatch = fingerprint_difference(direct, fingerprint(model, slots))
@@ -172,19 +173,6 @@ def _refresh_tied_head(model) -> bool:
     if method is not None and hasattr(method, "process_weights_after_loading"):
         method.process_weights_after_loading(head)
     return True
-
-
-def torch_element_size(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _nbytes(shape, dtype) -> int:
-    n = torch_element_size(dtype)
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _reset_fused_gates(model) -> None:

@@ -71,7 +71,7 @@ EXPERT_NAME_CONVENTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "
 
 
 @contextmanager
-def checkpoint_views(model: torch.nn.Module, expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+def checkpoint_views(model: torch.nn.Module, expert_names: tuple[str, str, str] = EXPERT_NAME_CONVENTIONS[0]
                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The model's weights under checkpoint names as views of its own tensors: no copy, no conversion.
 
@@ -136,7 +136,7 @@ class SharedSegment:
     def write(self, named: Iterable[tuple[str, torch.Tensor]], layout: dict[str, tuple[int, tuple[int, ...]]],
               dtype: torch.dtype) -> int:
         """Copy (and cast) each tensor into its region; returns the bytes written."""
-        esize = torch.empty((), dtype=dtype).element_size()
+        esize = dtype.itemsize
         written = 0
         with torch.no_grad():
             for name, t in named:
