@@ -12,7 +12,16 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.kernel_load import Slot, Unsupported, assign_offsets, check_names
+from pipeline.kernel_load import (
+    Slot,
+    Unsupported,
+    assign_offsets,
+    blank_slots,
+    check_names,
+    fingerprint,
+    fingerprint_difference,
+    load_slots,
+)
 from pipeline.weight_sync import (
     SharedSegment,
     checkpoint_format_tensors,
@@ -178,6 +187,35 @@ def test_layout_makes_each_kernel_tensor_one_region():
         check_names(slots, {**shapes, "a.k.weight": (2, 5)})
     with pytest.raises(Unsupported, match="no checkpoint tensor"):
         check_names(slots, {k: v for k, v in shapes.items() if k != "n.weight"})
+
+
+def test_first_sync_check_sees_a_tensor_the_loader_did_not_write():
+    """The check compares a direct load with vLLM's reload of the same bytes. A loader that skips a tensor
+    leaves whatever was there, often the right value already (the reload of the same weights, or a zero
+    bias): only blanking the targets first makes the skip visible."""
+    model = torch.nn.Module()
+    model.norm, model.emb = torch.nn.LayerNorm(4), torch.nn.Embedding(3, 4)
+    shapes = {"norm.weight": (4,), "norm.bias": (4,), "emb.weight": (3, 4)}
+    slots = [Slot("copy", n.split(".")[0], n.split(".")[1], [n], shape) for n, shape in shapes.items()]
+    layout = assign_offsets(slots, shapes, element_size=4)
+    segment = SharedSegment(layout["nbytes"])
+    try:
+        g = torch.Generator().manual_seed(0)
+        segment.write([(n, torch.randn(shape, generator=g)) for n, shape in shapes.items()], layout["tensors"],
+                      torch.float32)
+        load_slots(model, slots, segment.buffer, torch.float32)
+        reference = fingerprint(model, slots)
+        forgetful = [s for s in slots if s.attr != "bias"]
+        load_slots(model, forgetful, segment.buffer, torch.float32)
+        assert fingerprint_difference(reference, fingerprint(model, slots)) is None  # blind without blanking
+        blank_slots(model, slots)
+        load_slots(model, forgetful, segment.buffer, torch.float32)
+        assert fingerprint_difference(reference, fingerprint(model, slots)) == "norm.bias"
+        blank_slots(model, slots)
+        load_slots(model, slots, segment.buffer, torch.float32)
+        assert fingerprint_difference(reference, fingerprint(model, slots)) is None
+    finally:
+        segment.close()
 
 
 def test_shared_memory_and_object_store_syncs_serve_the_same_model(tiny_pool, embedded_models):
