@@ -106,9 +106,9 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from pipeline.models import posttrain_home, resolve_model
-    from pipeline.pool import PoolConfig, WorkerPool
-    from pipeline.ray_utils import ensure_ray
+    from pipeline.engines.pool import PoolConfig, WorkerPool
+    from pipeline.executor import ensure_ray
+    from pipeline.models.catalog import posttrain_home, resolve_model
     from reward.score import RewardPool
     from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
     from stages.dpo import OnlineDPOConfig, online_dpo, prompt_rows, split_prompts

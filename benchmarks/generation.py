@@ -51,7 +51,7 @@ def bench_raw_vllm(path: str, prompts, max_tokens: int, temperature: float, top_
 
 
 def bench_pool(path: str, prompts, max_tokens: int, temperature: float, top_p: float):
-    from pipeline.pool import ChatRequest, PoolConfig, WorkerPool
+    from pipeline.engines.pool import ChatRequest, PoolConfig, WorkerPool
 
     pool = WorkerPool(PoolConfig(model=path, dtype="float32", max_model_len=2048, max_num_seqs=64, kv_cache_gib=2))
     reqs = [ChatRequest(messages=m, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=i)
@@ -113,7 +113,7 @@ def bench_sync(pool, path: str, repeats: int = 3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.weight_sync import checkpoint_format_tensors
+    from pipeline.engines.weight_sync import checkpoint_format_tensors
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = {}
@@ -138,8 +138,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.95)
     args = ap.parse_args()
 
-    from pipeline.models import resolve_model
-    from pipeline.ray_utils import ensure_ray
+    from pipeline.executor import ensure_ray
+    from pipeline.models.catalog import resolve_model
 
     path = str(resolve_model(args.model))
     prompts = _prompts(args.prompts)

@@ -130,8 +130,8 @@ def main() -> None:
 
     import torch
 
-    from pipeline.models import resolve_model
-    from pipeline.moe_train import MoETrainingConfig
+    from pipeline.models.catalog import resolve_model
+    from pipeline.training.moe_config import MoETrainingConfig
     from stages.sft import SFTPhase, SFTStageConfig, train_sft
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -53,9 +53,9 @@ def _raw_requests(records, cfg):
     """The exact messages and sampling params the answer stage sends, as vLLM objects."""
     from vllm import SamplingParams
 
-    from pipeline.stage import record_seed
+    from pipeline.run.stage import record_seed
+    from pipeline.templates import chat_messages
     from stages.answer import load_answer_prompts
-    from stages.generate import _messages
     from stages.taxonomy import load_taxonomy
 
     system, suffixes = load_answer_prompts(cfg.prompts)
@@ -63,7 +63,7 @@ def _raw_requests(records, cfg):
     convs, params = [], []
     for rec in records:
         suffix = suffixes.get(rec["domain"], "")
-        convs.append(_messages(system, f"{rec['instruction']}\n\n{suffix}" if suffix else rec["instruction"]))
+        convs.append(chat_messages(system, f"{rec['instruction']}\n\n{suffix}" if suffix else rec["instruction"]))
         params.append(SamplingParams(n=cfg.k if rec["domain"] in objective else 1, temperature=cfg.temperature,
                                      top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                      seed=record_seed(0, rec["id"], "answer")))
@@ -83,9 +83,9 @@ def main() -> None:
                          "in this process uses (the machine's)")
     args = ap.parse_args()
 
-    from pipeline.models import resolve_model
-    from pipeline.pool import ChatRequest, PoolConfig, WorkerPool
-    from pipeline.ray_utils import ensure_ray
+    from pipeline.engines.pool import ChatRequest, PoolConfig, WorkerPool
+    from pipeline.executor import ensure_ray
+    from pipeline.models.catalog import resolve_model
     from stages.answer import AnswerConfig, answer_instructions
 
     path = str(resolve_model(args.model))

@@ -48,9 +48,9 @@ def main() -> None:
     from vllm import LLM
 
     from benchmarks.generation import plain_copy_seconds
-    from pipeline.models import resolve_model
-    from pipeline.pool import WORKER_EXTENSION
-    from pipeline.weight_sync import checkpoint_format_tensors, payload_bytes
+    from pipeline.engines.pool import WORKER_EXTENSION
+    from pipeline.engines.weight_sync import checkpoint_format_tensors, payload_bytes
+    from pipeline.models.catalog import resolve_model
 
     path = str(resolve_model(args.model))
     llm = LLM(model=path, worker_extension_cls=WORKER_EXTENSION, dtype="float32", max_model_len=512,
@@ -95,7 +95,7 @@ def _shared_loads(llm, model, repeats: int) -> dict:
     checks itself against vLLM's reload), total and per slot kind."""
     import torch
 
-    from pipeline.weight_sync import SharedSegment, checkpoint_views
+    from pipeline.engines.weight_sync import SharedSegment, checkpoint_views
 
     with checkpoint_views(model) as views:
         plan = llm.collective_rpc("posttrain_shared_plan", args=({n: tuple(t.shape) for n, t in views},))[0]

@@ -63,7 +63,7 @@ def grade_pairs(pairs: Sequence[tuple[str, str]], seeds: Sequence[int], cfg: Cri
     attempt did not parse), retried, recovered (parsed on a retry), dropped, lowest_tier,
     fewer_examples / clipped (prompts shortened to fit the critic's context).
     """
-    from pipeline.pool import ChatRequest
+    from pipeline.engines.pool import ChatRequest
 
     if len(pairs) != len(seeds):
         raise ValueError(f"grade_pairs: {len(pairs)} pairs but {len(seeds)} seeds")

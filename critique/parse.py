@@ -39,8 +39,11 @@ _ALIAS_TO_FIELD = {alias: name for name, aliases in FIELD_ALIASES.items() for al
 _BOLD = r"(?:\*\*|__)?"
 _LINE = re.compile(
     r"^[\s>*#\-+•\d.)]*"                       # bullets, numbering, quote marks, heading hashes
-    + _BOLD + r"(?P<key>[A-Za-z][A-Za-z ]{1,24}?)" + _BOLD  # field name, maybe bold
-    + r"\s*(?:\(\s*1\s*-\s*4\s*\))?\s*" + _BOLD + r"\s*[:=]\s*" + _BOLD + r"\s*"  # "(1-4)", separator
+    + r"(?P<bold>\*\*|__)?(?P<key>[A-Za-z][A-Za-z ]{1,24}?)" + _BOLD  # field name, maybe bold
+    + r"\s*(?:\(\s*1\s*-\s*4\s*\))?\s*" + _BOLD + r"\s*[:=]\s*"  # "(1-4)", separator
+    # a bold that closes after the separator ("__Reason:__ ...") only when one opened before the name, so a value
+    # that itself starts with "__" keeps it
+    + r"(?(bold)(?:\*\*|__)?)\s*"
     r"(?P<value>.*)$"
 )
 # A score: 1-4 alone, as x/4 or "x out of 4", optionally in brackets or bold; not a range (1-4),
@@ -154,7 +157,7 @@ def _from_lines(text: str) -> dict[str, object]:
             continue
         value = m.group("value")
         if name == "reason":
-            if not value.strip():  # "Reason:" then the reason on the next non-empty line
+            if not value.strip(" *\t"):  # "Reason:" (or "**Reason:**") then the reason on the next line
                 value = next((ln for ln in lines[i + 1:] if ln.strip()), "")
             found[name] = value
         elif _score(value) is not None:

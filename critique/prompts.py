@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from critique.parse import format_critique
 from critique.rubric import DIMENSIONS, MAX_TIER, MIN_TIER
-from stages.templates import TemplateError, check_template, load_yaml_file, render, resolve_config_file
+from pipeline.templates import TemplateError, check_template, load_yaml_file, render, resolve_config_file
 
 DEFAULT_PROMPTS = "configs/prompts/critique.yaml"
 TEMPLATE_FIELDS = {"rubric", "instruction", "response", "format"}
@@ -79,7 +79,7 @@ def _load(path: str, mtime: float) -> CritiquePrompts:
 
 
 def _fields(template: str) -> set[str]:
-    from stages.templates import template_fields
+    from pipeline.templates import template_fields
 
     return template_fields(template)
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from critique.parse import format_critique
 from critique.prompts import DEFAULT_PROMPTS, critique_messages, load_prompts
 from critique.rubric import DIMENSIONS, MAX_TIER, MIN_TIER
-from pipeline.moe_train import MoETrainingConfig
+from pipeline.training.moe_config import MoETrainingConfig
 
 
 class CritiqueTrainConfig(BaseModel):
@@ -120,7 +120,7 @@ def train_critique_model(graded: Iterable[dict], cfg: CritiqueTrainConfig, outpu
     serves). Returns the SFT metrics (held-out loss before/after, tokens, tokens/s, phases)."""
     from transformers import AutoConfig
 
-    from pipeline.models import resolve_model
+    from pipeline.models.catalog import resolve_model
     from stages.sft import DistributedSettings, SFTPhase, SFTStageConfig, train_sft
 
     records = critique_training_records(graded, cfg)

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from pipeline.models import ModelError
+from pipeline.models.catalog import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic data, SFT and online DPO for MoE chat models.")
 models_app = typer.Typer(no_args_is_help=True, help="Embedded default models (built locally, no network).")
@@ -25,8 +25,8 @@ def models_prepare(
     force: bool = typer.Option(False, help="Rebuild even if the cache is current."),
 ) -> None:
     """Build the embedded models into $POSTTRAIN_HOME/models (default ~/.cache/posttrain/models)."""
-    from pipeline.models import models_dir, prepare_all
-    from pipeline.upcycle import UpcycleConfig
+    from pipeline.models.catalog import models_dir, prepare_all
+    from pipeline.models.upcycle import UpcycleConfig
 
     typer.echo(f"model cache: {models_dir()}")
     try:
@@ -38,7 +38,7 @@ def models_prepare(
 @models_app.command("list")
 def models_list() -> None:
     """Show the embedded models and whether they are built."""
-    from pipeline.models import list_models
+    from pipeline.models.catalog import list_models
 
     for row in list_models():
         state = f"{row['size_mb']:8.1f} MB" if row["built"] else "not built"
@@ -59,7 +59,7 @@ def demo(
         _fail(str(exc))
 
 
-# -- the run: run / stage / status / config (pipeline/runner.py, pipeline/config.py) ------------------
+# -- the run: run / stage / status / config (pipeline/run/runner.py, pipeline/run/config.py) ------------------
 
 config_app = typer.Typer(no_args_is_help=True, help="Inspect run configs.")
 app.add_typer(config_app, name="config")
@@ -69,7 +69,7 @@ _SET_HELP = "Override a config field: --set stages.evolve.rounds=2 (value parsed
 
 def _load(config: str, overrides: list[str] | None):
     """The validated run config, or exit 2 with one line per problem."""
-    from pipeline.config import ConfigError, load_config
+    from pipeline.run.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides or [])
@@ -79,9 +79,9 @@ def _load(config: str, overrides: list[str] | None):
 
 
 def _run_errors():
-    from pipeline.artifacts import ArtifactError
-    from pipeline.runner import RunError
-    from pipeline.stage import StageError
+    from pipeline.run.artifacts import ArtifactError
+    from pipeline.run.runner import RunError
+    from pipeline.run.stage import StageError
 
     return (RunError, StageError, ArtifactError, ModelError)
 
@@ -106,7 +106,7 @@ def run_cmd(
 ) -> None:
     """Run the stage graph; stages whose fingerprint matches a finished manifest are skipped, and
     interrupted ones resume from their finished shards."""
-    from pipeline.runner import format_plan, run_graph
+    from pipeline.run.runner import format_plan, run_graph
 
     cfg = _load(config, overrides)
     try:
@@ -153,7 +153,7 @@ def stage_cmd(
 ) -> None:
     """Run one stage from its upstream outputs on disk; every stage that depends on it is then
     marked stale (the next `posttrain run` reruns them)."""
-    from pipeline.runner import format_plan, run_stage
+    from pipeline.run.runner import format_plan, run_stage
 
     cfg = _load(config, overrides)
     _check_stage_name(name, cfg, config)
@@ -176,7 +176,7 @@ def _check_stage_name(name: str, cfg, config: str) -> None:
     graph is left to the runner, whose fix is "add it to graph"."""
     from difflib import get_close_matches
 
-    from pipeline.registry import DEFAULT_GRAPH, plugin_stages
+    from pipeline.run.registry import DEFAULT_GRAPH, plugin_stages
 
     known = set(DEFAULT_GRAPH) | set(cfg.enabled) | (set(plugin_stages(cfg.plugins)) if cfg.plugins else set())
     if name in known:
@@ -192,7 +192,7 @@ def status_cmd(run_dir: str = typer.Argument(..., help="Run directory (run_dir o
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.runner import RunError, status_rows
+    from pipeline.run.runner import RunError, status_rows
 
     try:
         rows = status_rows(run_dir)
@@ -224,12 +224,12 @@ def config_show(
     overrides: list[str] = typer.Option(None, "--set", help=_SET_HELP),
 ) -> None:
     """Validate a run config and print it resolved (defaults filled in, overrides applied) as YAML."""
-    from pipeline.config import dump_config
+    from pipeline.run.config import dump_config
 
     typer.echo(dump_config(_load(config, overrides)), nl=False)
 
 
-# -- publication and report (pipeline/publish.py, pipeline/report.py) ----------------------------------
+# -- publication and report (pipeline/reporting/publish.py, pipeline/reporting/report.py) ----------------------------------
 
 
 @app.command("publish")
@@ -250,7 +250,7 @@ def publish_cmd(
     import os
     from pathlib import Path
 
-    from pipeline.publish import PublishConfig, PublishError, publish
+    from pipeline.reporting.publish import PublishConfig, PublishError, publish
 
     try:
         cfg = PublishConfig(repo_id=repo_id, private=private, dry_run=Path(dry_run) if dry_run else None,
@@ -267,8 +267,8 @@ def report_cmd(
     out: str = typer.Option(None, "--out", help="HTML file to write (default RUN_DIR/report/report.html)."),
 ) -> None:
     """Write a self-contained HTML report of the run (plots embedded) and print a short summary."""
-    from pipeline.report import write_report
-    from pipeline.run_stats import RunDirError
+    from pipeline.reporting.report import write_report
+    from pipeline.reporting.run_stats import RunDirError
 
     try:
         write_report(run_dir, out, echo=typer.echo)

@@ -18,8 +18,8 @@ def doc_topic_prompts(k: int = 4) -> list[str]:
 
 
 def answer_prompts(model: str = "smollm2-moe", max_tokens: int = 128, echo: Callable[[str], None] = print) -> None:
-    from pipeline.models import models_dir, prepare_all
-    from pipeline.pool import ChatRequest, WorkerPool
+    from pipeline.engines.pool import ChatRequest, WorkerPool
+    from pipeline.models.catalog import models_dir, prepare_all
 
     echo(f"model cache: {models_dir()}")
     prepare_all(log=echo)

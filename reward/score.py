@@ -53,7 +53,7 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from pipeline.models import ModelError, resolve_model
+        from pipeline.models.catalog import ModelError, resolve_model
 
         path = resolve_model(model_path)
         if num_threads:
@@ -120,8 +120,8 @@ class RewardPool:
     def __init__(self, model_path: str | os.PathLike, config: RewardPoolConfig | None = None):
         import ray
 
-        from pipeline.models import ModelError, resolve_model
-        from pipeline.ray_utils import ensure_ray
+        from pipeline.executor import ensure_ray
+        from pipeline.models.catalog import ModelError, resolve_model
 
         self.config = cfg = config or RewardPoolConfig()
         self.model_path = str(resolve_model(model_path))

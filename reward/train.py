@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.records import PAIR_FIELDS
 from reward.score import RewardPoolConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ class RewardModelConfig(BaseModel):
     """Ray actors that score with the model (the DPO stage uses the same settings)."""
 
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict[str, str]]:
@@ -153,8 +153,9 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
+    from pipeline.files import write_folder_atomically
     from pipeline.memory import large_buffers_on_heap
-    from pipeline.models import resolve_model, write_folder_atomically
+    from pipeline.models.catalog import resolve_model
 
     if not train_pairs:
         raise ValueError("no preference pairs to train the reward model on; fix: check the filter stage's "
@@ -215,7 +216,7 @@ def check_reward_model(path: str | os.PathLike) -> Path:
     """A configured existing reward model: a folder with a sequence-classification config and num_labels=1."""
     from transformers import AutoConfig
 
-    from pipeline.models import ModelError, resolve_model
+    from pipeline.models.catalog import ModelError, resolve_model
 
     p = resolve_model(path)
     cfg = AutoConfig.from_pretrained(p)

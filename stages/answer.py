@@ -15,13 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import ModelRole, Stage, StageContext, record_seed
-from stages.generate import _messages
+from pipeline.records import INSTRUCTION_FIELDS
+from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
+from pipeline.templates import TemplateError, chat_messages, load_yaml_file
 from stages.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
-from stages.templates import TemplateError, files_version, load_yaml_file
-
-ANSWER_FIELDS = ("id", "instruction", "domain", "task_type", "seed_id", "source_kind", "parent_id", "operator",
-                 "round", "model", "template")
 
 
 class AnswerConfig(BaseModel):
@@ -85,7 +82,7 @@ def check_routes(cfg: AnswerConfig, roles: set[str] | None = None) -> None:
 def answer_instructions(records: list[dict], cfg: AnswerConfig, get_pool: Callable[[str], Any],
                         run_seed: int = 0) -> list[dict]:
     """Answer every instruction with the pool of its domain's role; output in input order."""
-    from pipeline.pool import ChatRequest
+    from pipeline.engines.pool import ChatRequest
 
     system, suffixes = load_answer_prompts(cfg.prompts)
     taxonomy = load_taxonomy(cfg.taxonomy)
@@ -102,14 +99,14 @@ def answer_instructions(records: list[dict], cfg: AnswerConfig, get_pool: Callab
             suffix = suffixes.get(rec["domain"], "")
             content = f"{rec['instruction']}\n\n{suffix}" if suffix else rec["instruction"]
             requests.append(ChatRequest(
-                messages=_messages(system, content), n=cfg.k if rec["domain"] in objective else 1,
+                messages=chat_messages(system, content), n=cfg.k if rec["domain"] in objective else 1,
                 temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                 seed=record_seed(run_seed, rec["id"], "answer")))
         results = pool.generate(requests)
         model = pool.config.model
         for i, result in zip(indices, results, strict=True):
             rec = records[i]
-            out[i] = {**{k: rec.get(k) for k in ANSWER_FIELDS},
+            out[i] = {**{k: rec.get(k) for k in INSTRUCTION_FIELDS},
                       "responses": [{"text": c.text, "model": model, "finish_reason": c.finish_reason,
                                      "n_tokens": len(c.token_ids)} for c in result.completions],
                       "answer_model": model, "answer_role": role, "objective": rec["domain"] in objective}
@@ -140,6 +137,4 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("answer: %d instructions, %d responses", len(answers), sum(len(a["responses"]) for a in answers))
 
 
-STAGE = Stage(name="answer", inputs=("evolved",), outputs=("answers",), config_cls=AnswerConfig, run=run,
-              version=files_version("stages/taxonomy.py", "stages/templates.py", "configs/prompts/answer.yaml",
-                                    "configs/taxonomy.yaml"))
+STAGE = Stage(name="answer", inputs=("evolved",), outputs=("answers",), config_cls=AnswerConfig, run=run)

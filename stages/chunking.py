@@ -25,7 +25,7 @@ def token_counter(tokenizer: str) -> TokenCounter:
     """A batched token counter for an embedded model name or a tokenizer folder."""
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.models.catalog import resolve_model
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model(tokenizer)))
 

@@ -11,7 +11,7 @@ The loss of a step is
     dpo_weight * DPO_sigmoid(beta) + alpha * NLL(chosen) + router_aux + gamma * (NLL(SFT replay) + router_aux)
 
 TRL's DPOTrainer computes the first two (``loss_type=["sigmoid", "sft"]``, ``loss_weights=[dpo_weight,
-alpha]``) and the router aux loss (``router_aux_loss_coef``, wired by ``pipeline.moe_train`` as in SFT);
+alpha]``) and the router aux loss (``router_aux_loss_coef``, wired by ``pipeline.training`` as in SFT);
 the replay term is ours: each step also runs the policy on a random batch of `sft` conversations.
 The reference model is the SFT policy. With ``ema_decay`` an exponential moving average of the
 weights is kept (the report's guard against reward hacking): it is what the engines serve and what
@@ -49,8 +49,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.moe_train import MoETrainingConfig
-from pipeline.stage import ModelRole
+from pipeline.run.stage import ModelRole
+from pipeline.training.moe_config import MoETrainingConfig
 from reward.score import RewardPoolConfig, conversation
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def stdlib_prompt_rows(n: int) -> list[dict]:
 
 def split_prompts(prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """(training prompts, held-out prompts) in a seeded order; rejects a config that would reuse prompts."""
-    from pipeline.stage import record_seed
+    from pipeline.run.stage import record_seed
 
     order = sorted(prompts, key=lambda p: record_seed(seed, p["id"], "dpo-prompt-order"))
     held, train = order[:cfg.eval_prompts], order[cfg.eval_prompts:]
@@ -211,8 +211,8 @@ def round_prompts(train: Sequence[dict], round_index: int, k: int) -> list[dict]
 def sample(pool, prompts: Sequence[dict], n: int, cfg: OnlineDPOConfig, seed: int, salt: str,
            logprobs: bool = False) -> list:
     """n samples per prompt from the pool; each request's seed comes from the run seed, the prompt id and salt."""
-    from pipeline.pool import ChatRequest
-    from pipeline.stage import record_seed
+    from pipeline.engines.pool import ChatRequest
+    from pipeline.run.stage import record_seed
 
     return pool.generate([
         ChatRequest(messages=p["messages"], n=n, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -389,7 +389,7 @@ def _plain_head_forward(self, *args, fused_lm_head=False, labels=None, shift_lab
 
 @functools.cache
 def replay_dpo_trainer_class() -> type:
-    """TRL's DPOTrainer with the MoE settings of SFT (``pipeline.moe_train``) and our SFT-replay term.
+    """TRL's DPOTrainer with the MoE settings of SFT (``pipeline.training``) and our SFT-replay term.
 
     Built on first use so that importing this module (to read its config) does not import TRL.
     """
@@ -397,7 +397,7 @@ def replay_dpo_trainer_class() -> type:
     import torch.nn.functional as F
     from trl import DPOTrainer
 
-    from pipeline.moe_train import MoETrainerMixin
+    from pipeline.training.moe_trainer import MoETrainerMixin
 
     class ReplayDPOTrainer(MoETrainerMixin, DPOTrainer):
         """DPO + chosen NLL (TRL) + gamma * SFT loss on a replay batch (ours); logs every term.
@@ -635,7 +635,7 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def _save_model_atomically(model, tokenizer, dest: Path) -> None:
-    from pipeline.models import write_folder_atomically
+    from pipeline.files import write_folder_atomically
 
     write_folder_atomically(dest, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
@@ -721,7 +721,7 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.models.catalog import resolve_model
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -885,8 +885,8 @@ def run(ctx) -> None:
     the SFT weights synced in, when the role's model has the SFT model's shapes; otherwise by engines of this
     stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained weights.
     """
-    from pipeline.models import resolve_model
-    from pipeline.pool import WorkerPool
+    from pipeline.engines.pool import WorkerPool
+    from pipeline.models.catalog import resolve_model
     from reward.score import RewardPool
 
     cfg: OnlineDPOConfig = ctx.config
@@ -932,7 +932,7 @@ def run(ctx) -> None:
 
 
 def _make_stage():
-    from pipeline.stage import Stage
+    from pipeline.run.stage import Stage
 
     return Stage(name="dpo", inputs=("sft_model", "reward_model", "sft", "preferences", "evolved"),
                  outputs=("dpo_model", "online_pairs"), config_cls=OnlineDPOConfig, run=run)

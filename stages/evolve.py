@@ -24,11 +24,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.stage import ModelRole, Stage, StageContext, record_seed
-from stages.generate import INSTRUCTION_FIELDS, _messages, _normalized, instruction_id
-from stages.instruction_parsing import parse_instruction
+from pipeline.records import INSTRUCTION_FIELDS
+from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
+from pipeline.templates import TemplateError, chat_messages, check_template, load_yaml_file, render
+from stages.generate import instruction_id
+from stages.instruction_parsing import instruction_key, parse_instruction
 from stages.taxonomy import DEFAULT_TAXONOMY, Taxonomy, domain_counts, expansion_targets, load_taxonomy
-from stages.templates import TemplateError, check_template, files_version, load_yaml_file, render
 
 OPERATORS = ("clarity", "expand", "harder")
 OPERATOR_FIELDS = {"instruction", "kind", "Kind", "domain", "description", "examples"}
@@ -163,12 +164,12 @@ def _job_prompt(job: dict, prompts: dict[str, dict[str, str]], taxonomy: Taxonom
 
 def evolve_jobs(jobs: list[dict], cfg: EvolveConfig, pool, run_seed: int = 0) -> list[dict]:
     """Run planned jobs through the pool; one candidate per job (``reject_reason`` None when kept)."""
-    from pipeline.pool import ChatRequest
+    from pipeline.engines.pool import ChatRequest
 
     system, prompts = load_operator_prompts(cfg.prompts)
     taxonomy = load_taxonomy(cfg.taxonomy)
     texts = [_job_prompt(job, prompts, taxonomy) for job in jobs]
-    requests = [ChatRequest(messages=_messages(system, text), n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+    requests = [ChatRequest(messages=chat_messages(system, text), n=1, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_tokens=cfg.max_tokens,
                             seed=record_seed(run_seed, job["parent"]["id"], f"evolve:{job['round']}:{job['operator']}"))
                 for job, text in zip(jobs, texts, strict=True)]
@@ -185,7 +186,7 @@ def evolve_jobs(jobs: list[dict], cfg: EvolveConfig, pool, run_seed: int = 0) ->
             copy_of=parent["instruction"] if op != "expand" else None, copy_threshold=cfg.copy_threshold)
         if text is not None and op == "expand":
             # self-instruct must not hand back one of its examples
-            if any(_normalized(text) == _normalized(e) for e in job["examples"]):
+            if any(instruction_key(text) == instruction_key(e) for e in job["examples"]):
                 text, reason = None, "copy"
         out.append({
             "id": instruction_id(text) if text else f"rejected-{parent['id']}-{op}-r{job['round']}",
@@ -205,10 +206,10 @@ def select_round(candidates: list[dict], existing: set[str]) -> tuple[list[dict]
     kept, reasons = [], Counter()
     for c in candidates:
         reason = c["reject_reason"]
-        if reason is None and _normalized(c["instruction"]) in existing:
+        if reason is None and instruction_key(c["instruction"]) in existing:
             reason = "duplicate"
         if reason is None:
-            existing.add(_normalized(c["instruction"]))
+            existing.add(instruction_key(c["instruction"]))
             kept.append({k: c[k] for k in INSTRUCTION_FIELDS})
         else:
             reasons[f"{c['operator']}:{reason}"] += 1
@@ -228,7 +229,7 @@ def evolve_all(instructions: list[dict], cfg: EvolveConfig, pool, run_seed: int 
     taxonomy = load_taxonomy(cfg.taxonomy)
     load_operator_prompts(cfg.prompts)
     everything = [dict(r) for r in instructions]
-    existing = {_normalized(r["instruction"]) for r in everything}
+    existing = {instruction_key(r["instruction"]) for r in everything}
     current = everything
     metrics: dict[str, Any] = {"instructions_in": len(instructions), "rounds": []}
     total_reasons: Counter = Counter()
@@ -281,6 +282,4 @@ def run(ctx: StageContext) -> None:
                  metrics["failed"], metrics["failed_by_reason"])
 
 
-STAGE = Stage(name="evolve", inputs=("instructions",), outputs=("evolved",), config_cls=EvolveConfig, run=run,
-              version=files_version("stages/generate.py", "stages/instruction_parsing.py", "stages/taxonomy.py",
-                                    "stages/templates.py", "configs/prompts/evolve.yaml", "configs/taxonomy.yaml"))
+STAGE = Stage(name="evolve", inputs=("instructions",), outputs=("evolved",), config_cls=EvolveConfig, run=run)

@@ -32,11 +32,8 @@ from critique.grade import CritiqueConfig, grade_pairs, parse_rate
 from critique.prompts import load_prompts
 from critique.rubric import DIMENSIONS, TIERS, rank_key
 from critique.rules import RULES, RulesConfig, apply_rules
-from pipeline.stage import ModelRole, Stage, StageContext, StageError, record_seed
-
-LINEAGE_FIELDS = ("instruction", "domain", "task_type", "seed_id", "source_kind", "parent_id", "operator", "round",
-                  "model", "template", "answer_role", "objective")
-"""Instruction fields copied onto every output row (those present in the input)."""
+from pipeline.records import LINEAGE_FIELDS
+from pipeline.run.stage import ModelRole, Stage, StageContext, StageError, record_seed
 
 
 class PreferenceConfig(BaseModel):

@@ -22,18 +22,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import ModelRole, Stage, StageContext, record_seed
-from stages.instruction_parsing import parse_instruction
+from pipeline.records import INSTRUCTION_FIELDS, SOURCE_KINDS
+from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
+from pipeline.templates import TemplateError, chat_messages, check_template, load_yaml_file, render
+from stages.instruction_parsing import instruction_key, parse_instruction
 from stages.taxonomy import DEFAULT_TAXONOMY, label_domain, load_taxonomy
-from stages.templates import TemplateError, check_template, files_version, load_yaml_file, render
 
 TASK_TYPES = ("qa", "howto", "code_write", "code_explain", "reasoning", "math", "writing")
-SOURCE_KINDS = ("web", "web_qa", "code", "book")
 PROMPT_FIELDS = {"text", "title", "question", "answer", "language"}
 LANGUAGE_NAMES = {"python": "Python", "c": "C", "cpp": "C++", "javascript": "JavaScript", "typescript": "TypeScript",
                   "rust": "Rust", "go": "Go", "java": "Java", "shell": "shell", "ruby": "Ruby", "perl": "Perl"}
-INSTRUCTION_FIELDS = ("id", "instruction", "domain", "task_type", "seed_id", "source_kind", "parent_id", "operator",
-                      "round", "model", "template")
 
 
 class GenerateConfig(BaseModel):
@@ -130,21 +128,12 @@ def pick_templates(seed: dict, templates: list[Template], n: int, run_seed: int)
     return [order[j % len(order)] for j in range(n)]
 
 
-def _messages(system: str | None, prompt: str) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": prompt}]
-
-
-def _normalized(text: str) -> str:
-    return re.sub(r"\W+", " ", text).strip().casefold()
-
-
 def generate_candidates(seeds: list[dict], cfg: GenerateConfig, pool, run_seed: int = 0) -> list[dict]:
     """Every candidate instruction for ``seeds``: kept ones have ``reject_reason`` None.
 
     Deterministic given the seeds, the config and the run seed (each request carries a seed).
     """
-    from pipeline.pool import ChatRequest
+    from pipeline.engines.pool import ChatRequest
 
     system, templates = load_templates(cfg.prompts)
     if cfg.task_types:
@@ -155,7 +144,7 @@ def generate_candidates(seeds: list[dict], cfg: GenerateConfig, pool, run_seed: 
         for j, template in enumerate(pick_templates(seed, templates, cfg.n_per_seed, run_seed)):
             plan.append((seed, template, j))
     requests = [
-        ChatRequest(messages=_messages(system, render(t.prompt, **_prompt_values(s))), n=1,
+        ChatRequest(messages=chat_messages(system, render(t.prompt, **_prompt_values(s))), n=1,
                     temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                     seed=record_seed(run_seed, s["id"], f"generate:{t.id}:{j}"))
         for s, t, j in plan
@@ -172,15 +161,15 @@ def generate_candidates(seeds: list[dict], cfg: GenerateConfig, pool, run_seed: 
         text, reason = parse_instruction(
             raw, template.expect, max_words=cfg.max_words, copy_of=seed.get("question"), prompt=static_prompt,
             allow_unseen_refs=attaches_context)
-        if text is not None and not attaches_context and len(_normalized(text)) > 20 and \
-                _normalized(text) in _normalized(values["text"]):
+        if text is not None and not attaches_context and len(instruction_key(text)) > 20 and \
+                instruction_key(text) in instruction_key(values["text"]):
             text, reason = None, "copy"  # a sentence lifted from the seed is not a new instruction
         if text is not None and result.completions and result.completions[0].finish_reason == "length" \
                 and template.expect == "task" and not text.rstrip().endswith((".", "?", "!")):
             text, reason = None, "truncated"
         instruction = render(template.instruction, instruction=text, **values) if text is not None else None
         if instruction is not None:
-            key = _normalized(instruction)
+            key = instruction_key(instruction)
             if key in seen:
                 instruction, reason = None, "duplicate"
             else:
@@ -203,12 +192,12 @@ def select_kept(candidates: list[dict]) -> tuple[list[dict], dict[str, Any]]:
     kept, seen = [], set()
     for c in candidates:
         reason = c["reject_reason"]
-        if reason is None and _normalized(c["instruction"]) in seen:
+        if reason is None and instruction_key(c["instruction"]) in seen:
             reason = "duplicate"
         stats = by_template.setdefault(c["template"], Counter())
         stats["requested"] += 1
         if reason is None:
-            seen.add(_normalized(c["instruction"]))
+            seen.add(instruction_key(c["instruction"]))
             kept.append({k: c[k] for k in INSTRUCTION_FIELDS})
             stats["kept"] += 1
         else:
@@ -243,6 +232,4 @@ def run(ctx: StageContext) -> None:
                  metrics["dropped_by_reason"])
 
 
-STAGE = Stage(name="generate", inputs=("seeds",), outputs=("instructions",), config_cls=GenerateConfig, run=run,
-              version=files_version("stages/instruction_parsing.py", "stages/taxonomy.py", "stages/templates.py",
-                                    "configs/prompts/generate.yaml", "configs/taxonomy.yaml"))
+STAGE = Stage(name="generate", inputs=("seeds",), outputs=("instructions",), config_cls=GenerateConfig, run=run)

@@ -156,6 +156,11 @@ def _question_in(block: str) -> str | None:
     return " ".join(sentences).strip()
 
 
+def instruction_key(text: str) -> str:
+    """Text with case, punctuation and spacing folded: two instructions with the same key are duplicates."""
+    return re.sub(r"\W+", " ", text).strip().casefold()
+
+
 def similarity(a: str, b: str) -> float:
     """Similarity of two texts after normalizing case and whitespace (difflib ratio, 0..1)."""
     na, nb = (re.sub(r"\W+", " ", x).strip().casefold() for x in (a, b))

@@ -1,6 +1,6 @@
 """Stage `report`: the run's HTML report (``RUN_DIR/report/report.html``), last in the graph.
 
-The work is ``pipeline.report.write_report`` (also ``posttrain report RUN_DIR``); this module only
+The work is ``pipeline.reporting.report.write_report`` (also ``posttrain report RUN_DIR``); this module only
 places it in the stage graph. It declares the final datasets as inputs so that it runs after the
 online DPO stage, and reruns whenever they change.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Stage, StageContext
+from pipeline.run.stage import Stage, StageContext
 
 
 class ReportConfig(BaseModel):
@@ -22,7 +22,7 @@ class ReportConfig(BaseModel):
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.report import write_report
+    from pipeline.reporting.report import write_report
 
     cfg: ReportConfig = ctx.config
     out = ctx.output_path("report") / "report.html"

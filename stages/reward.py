@@ -94,7 +94,7 @@ def _train_in_own_process(train: list[dict], cfg: RewardModelConfig, out: Path) 
 
 
 def _make_stage():
-    from pipeline.stage import Stage
+    from pipeline.run.stage import Stage
 
     return Stage(name="reward", inputs=("preferences",), outputs=("reward_model",), config_cls=RewardModelConfig,
                  run=run)

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.records import SourceKind
+
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["web", "web_qa", "code", "book"]
 
 # File extensions per programming language (code sources pick languages by name).
 LANGUAGE_EXTENSIONS: dict[str, tuple[str, ...]] = {

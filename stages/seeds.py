@@ -22,15 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.stage import Stage, StageContext
+from pipeline.records import SEED_FIELDS, SOURCE_KINDS
+from pipeline.run.stage import Stage, StageContext
 from stages.chunking import chunk_code, chunk_prose, fit_qa, token_counter
 from stages.seed_sources import Document, SeedSource, SeedSourceError, SkipLog, load_documents
-from stages.templates import files_version
 
 log = logging.getLogger(__name__)
 
-SEED_FIELDS = ("id", "text", "source_kind", "source", "license", "n_tokens", "title", "language",
-               "question", "answer")
 
 
 def default_sources() -> list[SeedSource]:
@@ -192,7 +190,7 @@ def build_seeds(cfg: SeedsConfig, seed: int = 0) -> tuple[list[dict], dict[str, 
     records = _sample(records, cfg.max_seeds, f"{seed}:all")
     metrics = {
         "seeds": len(records),
-        "seeds_by_kind": {k: sum(r["source_kind"] == k for r in records) for k in ("web", "web_qa", "code", "book")},
+        "seeds_by_kind": {k: sum(r["source_kind"] == k for r in records) for k in SOURCE_KINDS},
         "duplicates_exact": exact, "duplicates_near": near,
         "skipped": all_skips.total(), "skipped_by_reason": dict(all_skips.counts),
         "skipped_examples": all_skips.examples[:20], "sources": per_source,
@@ -208,5 +206,4 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("seeds: %d records (%s); skipped %d inputs", len(records), metrics["seeds_by_kind"], metrics["skipped"])
 
 
-STAGE = Stage(name="seeds", inputs=(), outputs=("seeds",), config_cls=SeedsConfig, run=run,
-              version=files_version("stages/seed_sources.py", "stages/chunking.py"))
+STAGE = Stage(name="seeds", inputs=(), outputs=("seeds",), config_cls=SeedsConfig, run=run)

@@ -2,7 +2,7 @@
 
 Hunyuan-Large's settings are the defaults: 3 epochs in all, lr 2e-5 decaying to 2e-6, attention
 dropout 0.1 and hidden dropout 0.2, router aux loss, routed experts at a scaled LR (see
-``pipeline/moe_train.py``). Loss is on assistant tokens only (TRL's ``assistant_only_loss`` with a
+``pipeline/training/moe.py``). Loss is on assistant tokens only (TRL's ``assistant_only_loss`` with a
 training copy of the chat template that marks assistant turns with ``{% generation %}``).
 
 Coarse-to-fine: ``phases`` is a list of {tiers, epochs}; phase k trains on the records whose
@@ -31,8 +31,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.moe_train import LRWindow, MoETrainingConfig
-from pipeline.stage import ModelRole, Stage
+from pipeline.run.stage import ModelRole, Stage
+from pipeline.training.moe_config import LRWindow, MoETrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +512,7 @@ def _dropout_check(trainer, cfg: SFTStageConfig, seed: int) -> dict | None:
     Skipped where the trainer shards or places the model itself (FSDP, DeepSpeed)."""
     import torch
 
-    from pipeline.moe_train import dropout_loss_gap
+    from pipeline.training.moe import dropout_loss_gap
 
     if cfg.moe.hidden_dropout == 0 and cfg.moe.attention_dropout == 0:
         return None
@@ -545,7 +545,7 @@ def make_sft_trainer(model, tokenizer, records: Sequence[dict], cfg: SFTStageCon
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from pipeline.moe_train import moe_trainer_class
+    from pipeline.training.moe_trainer import moe_trainer_class
 
     train_ds = Dataset.from_list([{"messages": r["messages"]} for r in records])
     return moe_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
@@ -718,7 +718,7 @@ def _ray_train(spec: dict, cfg: SFTStageConfig, work: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_utils import cluster_has_gpus, ensure_ray
+    from pipeline.executor import cluster_has_gpus, ensure_ray
 
     ensure_ray()
     use_gpu = cluster_has_gpus() if cfg.distributed.use_gpu == "auto" else bool(cfg.distributed.use_gpu)
@@ -831,7 +831,7 @@ def train_sft(records: Sequence[dict] | Any, cfg: SFTStageConfig, output_dir: st
     """
     from datasets import Dataset
 
-    from pipeline.models import resolve_model
+    from pipeline.models.catalog import resolve_model
 
     if hasattr(records, "to_list"):
         records = records.to_list()

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stages.templates import TemplateError, load_yaml_file, resolve_config_file
+from pipeline.templates import TemplateError, load_yaml_file, resolve_config_file
 
 DEFAULT_TAXONOMY = "configs/taxonomy.yaml"
 

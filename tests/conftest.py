@@ -20,7 +20,7 @@ def ray_session():
     that several session engines (each reserving 1 CPU) can be up at once."""
     import ray
 
-    from pipeline.ray_utils import ensure_ray
+    from pipeline.executor import ensure_ray
 
     if not ray.is_initialized():
         os.environ.pop("RAY_ADDRESS", None)
@@ -31,13 +31,13 @@ def ray_session():
 @pytest.fixture(scope="session")
 def embedded_models():
     """Build (or reuse from the cache) every embedded model; name -> folder."""
-    from pipeline.models import prepare_all
+    from pipeline.models.catalog import prepare_all
 
     return prepare_all(log=lambda *_: None)
 
 
 def _pool(model: str, **kw):
-    from pipeline.pool import PoolConfig, WorkerPool
+    from pipeline.engines.pool import PoolConfig, WorkerPool
 
     return WorkerPool(PoolConfig(model=model, kv_cache_gib=1, max_model_len=1024, **kw))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.stage import ModelRole, Stage, StageContext, record_seed
+from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
 
 
 def _doc_id(topic: str) -> str:
@@ -88,7 +88,7 @@ def tokenize_shard(shard: list[dict], model_dir: str, head_tokens: int, seed: in
 
 
 def run_tokenize(ctx: StageContext) -> None:
-    from pipeline.models import resolve_model
+    from pipeline.models.catalog import resolve_model
 
     cfg: TokenizeConfig = ctx.config
     docs = ctx.read("docs").to_list()
@@ -183,7 +183,7 @@ class GenConfig(BaseModel):
 
 
 def run_gen(ctx: StageContext) -> None:
-    from pipeline.pool import ChatRequest
+    from pipeline.engines.pool import ChatRequest
 
     cfg: GenConfig = ctx.config
     pool = ctx.pool(cfg.model)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.artifacts import ArtifactStore, library_versions
+from pipeline.run.artifacts import ArtifactStore, library_versions
 
 DOMAINS = ("programming", "documentation", "reasoning")
 CRITERIA = ("accuracy", "relevance", "completeness", "usefulness", "clarity")
@@ -190,7 +190,7 @@ def build_sample_run(run_dir: Path, *, n_topics: int = 12, model_dir: Path | Non
                "aux_loss": round(0.02 + rng.uniform(0, 0.01), 4)}
         if step % 10 == 0:
             row["eval_loss"] = round(row["loss"] + 0.15, 4)
-            # the keys pipeline.moe_train.ExpertLoadCallback logs
+            # the keys pipeline.training.moe_trainer.ExpertLoadCallback logs
             for layer in range(4):
                 w = [rng.random() + 0.2 for _ in range(8)]
                 for e, x in enumerate(w):

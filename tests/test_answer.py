@@ -85,9 +85,9 @@ def test_seeds_to_answers_through_the_runner(tmp_path, instruct_pool, tiny_pool)
     import sysconfig
     import textwrap
 
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.run.artifacts import ArtifactStore
+    from pipeline.run.config import load_config
+    from pipeline.run.runner import Runner
 
     stdlib = sysconfig.get_paths()["stdlib"]
     policy = json.dumps(instruct_pool.config.model_dump(mode="json"))

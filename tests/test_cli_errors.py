@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import models
-from pipeline.models import ModelError
+from pipeline.models import catalog as models
+from pipeline.models.catalog import ModelError
 
 REPO = Path(__file__).resolve().parent.parent
 POSTTRAIN = Path(sys.executable).parent / "posttrain"
@@ -176,7 +176,7 @@ def test_bad_input_gives_one_clear_error(w, args, code, expected):
     assert len(out.strip().splitlines()) <= 8, out
 
 
-# -- model folders, in-process (what `posttrain` reaches through pipeline.models) ------------------
+# -- model folders, in-process (what `posttrain` reaches through pipeline.models.catalog) ------------------
 
 def test_damaged_config_json_is_named_with_the_fix(tmp_path):
     folder = tmp_path / "model"

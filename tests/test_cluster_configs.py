@@ -23,9 +23,9 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from pipeline.config import ConfigError, load_config
-from pipeline.moe_train import (
-    MoETrainingConfig,
+from pipeline.run.config import ConfigError, load_config
+from pipeline.run.registry import DEFAULT_GRAPH
+from pipeline.training.moe import (
     apply_moe_dropout,
     classify_param,
     moe_layout,
@@ -33,7 +33,7 @@ from pipeline.moe_train import (
     routed_lr_scale,
     single_top_k,
 )
-from pipeline.registry import DEFAULT_GRAPH
+from pipeline.training.moe_config import MoETrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "configs" / "cluster"
@@ -139,7 +139,7 @@ def test_cluster_config_fits_the_cluster_its_header_declares(name):
     nodes, per_node = map(int, re.search(r"(\d+) nodes x (\d+) GPUs", header).groups())
     assert nodes * per_node == want["gpus"]
 
-    # Pools are keyed by their settings (roles configured alike share one, as pipeline.runner.PoolManager
+    # Pools are keyed by their settings (roles configured alike share one, as pipeline.run.runner.PoolManager
     # does) and all stay up from generate through filter. Each engine's TP group is STRICT_PACKed on one
     # node; the driver (`ray job submit --entrypoint-num-gpus 1`) holds one more GPU.
     pools = {p.model_dump_json(): p for p in cfg.models.values()}
@@ -363,7 +363,7 @@ def test_moe_trainers_store_a_single_top_k_before_training():
     construction; a stand-in base trainer keeps this free of TRL's dataset preparation."""
     from types import SimpleNamespace
 
-    from pipeline.moe_train import moe_trainer_class
+    from pipeline.training.moe_trainer import moe_trainer_class
 
     class BaseTrainer:
         def __init__(self, model=None, args=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, StageResources, config_dict, load_config
+from pipeline.run.config import ConfigError, StageResources, config_dict, load_config
 
 PLUGINS = 'plugins: ["tests.runner_stages:ALL"]\n'
 
@@ -90,7 +90,7 @@ def test_unknown_stage_in_graph_and_sections(tmp_path):
 
 def test_disabled_stage_is_not_imported(tmp_path, monkeypatch):
     """A stage module that does not exist breaks only configs that enable it."""
-    from pipeline import registry
+    from pipeline.run import registry
 
     monkeypatch.setitem(registry.DEFAULT_STAGES, "report", "stages.module_not_written_yet:STAGE")
     ok = write(tmp_path, "graph: [docs]\nstages: {report: {anything: 1}}\n")
@@ -164,8 +164,8 @@ def test_config_show_prints_the_resolved_config(tmp_path):
 
 
 def test_default_config_lists_every_stage_in_order():
-    from pipeline.config import load_yaml
-    from pipeline.registry import DEFAULT_GRAPH
+    from pipeline.run.config import load_yaml
+    from pipeline.run.registry import DEFAULT_GRAPH
 
     data = load_yaml(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
     assert tuple(data["graph"]) == DEFAULT_GRAPH

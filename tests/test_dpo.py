@@ -315,7 +315,7 @@ class _InputsConfig(__import__("pydantic").BaseModel):
 
 def _run_inputs(ctx) -> None:
     """Test-only upstream stage: the SFT policy (a copy of the tiny MoE), `sft`, `preferences`, `evolved`."""
-    from pipeline.models import resolve_model
+    from pipeline.models.catalog import resolve_model
 
     docs = stdlib_docs()
     out = ctx.output_path("sft_model")
@@ -327,7 +327,7 @@ def _run_inputs(ctx) -> None:
 
 
 def _inputs_stage():
-    from pipeline.stage import Stage
+    from pipeline.run.stage import Stage
 
     return Stage(name="dpo_inputs", inputs=(), outputs=("sft_model", "sft", "preferences", "evolved"),
                  config_cls=_InputsConfig, run=_run_inputs)
@@ -339,9 +339,9 @@ INPUTS_STAGE = _inputs_stage()
 def test_reward_and_dpo_stages_through_the_runner(tiny_pool, embedded_models, tmp_path):
     """The reward stage trains on `preferences`; the dpo stage runs on the role's running engines (the
     session's tiny MoE pool, its weights replaced by sft_model's) and records per-round figures."""
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.run.artifacts import ArtifactStore
+    from pipeline.run.config import load_config
+    from pipeline.run.runner import Runner
 
     pool_yaml = json.dumps(tiny_pool.config.model_dump(mode="json"))
     path = tmp_path / "run.yaml"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.run.config import load_config
 from reward.score import RewardPool, RewardScorer
 from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
 from reward.train import RewardModelConfig, pairwise_accuracy, split_pairs, train_reward_model

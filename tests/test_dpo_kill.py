@@ -18,7 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactStore
+from pipeline.run.artifacts import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
 POSTTRAIN = Path(sys.executable).parent / "posttrain"

@@ -14,7 +14,7 @@ import re
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.stage import Stage, StageContext
+from pipeline.run.stage import Stage, StageContext
 
 
 class AnswersFileConfig(BaseModel):
@@ -54,7 +54,7 @@ def answers(instruct_pool) -> dict:
     from pydoc_data.topics import topics
 
     from critique.rules import RulesConfig, check_response
-    from pipeline.pool import ChatRequest
+    from pipeline.engines.pool import ChatRequest
 
     names = ["assert", "break", "continue", "del", "for", "global", "pass", "while"]
     questions = [f"In two sentences, explain the Python '{n}' statement." for n in names]
@@ -93,7 +93,7 @@ def answers(instruct_pool) -> dict:
 
 
 def _config(tmp_path, answers, pool, extra: str = "") -> str:
-    from pipeline.config import load_config
+    from pipeline.run.config import load_config
 
     data = tmp_path / "answers.json"
     data.write_text(json.dumps(answers["records"]))
@@ -115,8 +115,8 @@ stages:
 
 @pytest.fixture(scope="module")
 def filtered(tmp_path_factory, answers, instruct_pool):
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.runner import Runner
+    from pipeline.run.artifacts import ArtifactStore
+    from pipeline.run.runner import Runner
 
     tmp = tmp_path_factory.mktemp("filter")
     cfg = _config(tmp, answers, instruct_pool)
@@ -209,7 +209,7 @@ def test_self_consistency_on_real_math_answers(filtered, answers):
 
 
 def test_rerun_skips_and_a_failed_run_resumes_without_regrading(filtered, instruct_pool):
-    from pipeline.runner import Runner
+    from pipeline.run.runner import Runner
 
     store, cfg = filtered["store"], filtered["cfg"]
     plan = {i.stage: i.action for i in Runner(cfg).plan()}
@@ -227,7 +227,7 @@ def test_rerun_skips_and_a_failed_run_resumes_without_regrading(filtered, instru
 
 
 def test_bad_input_names_the_record_and_field():
-    from pipeline.stage import StageError
+    from pipeline.run.stage import StageError
     from stages.filter import check_answers
 
     with pytest.raises(StageError, match=r"answers record 1 \(id=b\): missing field 'responses'"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.templates import TemplateError
 from stages.generate import (
     INSTRUCTION_FIELDS,
     GenerateConfig,
@@ -20,7 +21,6 @@ from stages.generate import (
 from stages.instruction_parsing import REJECT_REASONS, parse_instruction
 from stages.seeds import SeedsConfig, build_seeds
 from stages.taxonomy import label_domain, load_taxonomy
-from stages.templates import TemplateError
 
 KINDS = ("web", "web_qa", "code", "book")
 

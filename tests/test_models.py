@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import models
-from pipeline.models import ModelError
-from pipeline.upcycle import UpcycleConfig, upcycle
+from pipeline.models import catalog as models
+from pipeline.models.catalog import ModelError
+from pipeline.models.upcycle import UpcycleConfig, upcycle
 
 
 def _doc_prompts(tok, k=3):
@@ -114,7 +114,7 @@ def test_architecture_vllm_cannot_serve_is_named_before_engine_start(tmp_path, e
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"] = ["NoSuchModelForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    from pipeline.pool import EngineActor
+    from pipeline.engines.pool import EngineActor
 
     with pytest.raises(ModelError) as err:
         EngineActor(str(folder), {}, 0)
@@ -122,7 +122,7 @@ def test_architecture_vllm_cannot_serve_is_named_before_engine_start(tmp_path, e
 
 
 def test_engine_start_failure_reports_root_cause(embedded_models):
-    from pipeline.pool import EngineActor, EngineStartError
+    from pipeline.engines.pool import EngineActor, EngineStartError
 
     with pytest.raises(EngineStartError) as err:
         EngineActor(str(embedded_models[models.TINY_DENSE]), {"max_model_len": 10**7, "dtype": "float32"}, 0)

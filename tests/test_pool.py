@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from pipeline.pool import ChatRequest
+from pipeline.engines.pool import ChatRequest
 
 
 def _msgs(text):

@@ -7,7 +7,7 @@ import signal
 
 import ray
 
-from pipeline.pool import ChatRequest
+from pipeline.engines.pool import ChatRequest
 
 
 def _requests(k=48):

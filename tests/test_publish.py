@@ -18,11 +18,11 @@ import pytest
 from huggingface_hub import DatasetCard
 from typer.testing import CliRunner
 
-from pipeline.artifacts import ArtifactStore
-from pipeline.card import UNDOCUMENTED
 from pipeline.cli import app
-from pipeline.models import resolve_model
-from pipeline.publish import PublishConfig, PublishError, publish
+from pipeline.models.catalog import resolve_model
+from pipeline.reporting.card import UNDOCUMENTED
+from pipeline.reporting.publish import PublishConfig, PublishError, publish
+from pipeline.run.artifacts import ArtifactStore
 from tests.hub_server import FakeHub
 from tests.sample_run import build_sample_run
 

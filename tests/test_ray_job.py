@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import ArtifactStore
-from pipeline.config import load_config
-from pipeline.runner import RunError, Runner
+from pipeline.run.artifacts import ArtifactStore
+from pipeline.run.config import load_config
+from pipeline.run.runner import RunError, Runner
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

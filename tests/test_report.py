@@ -18,10 +18,11 @@ import pytest
 from PIL import Image, ImageStat
 from typer.testing import CliRunner
 
-from pipeline.artifacts import ArtifactStore
 from pipeline.cli import app
-from pipeline.report import DPO_FIGURES, _global_steps, dpo_rounds, expert_load_matrix, write_report
-from pipeline.run_stats import RunDirError, read_metrics
+from pipeline.reporting.report import write_report
+from pipeline.reporting.run_stats import RunDirError, read_metrics
+from pipeline.reporting.training_plots import DPO_FIGURES, _global_steps, dpo_rounds, expert_load_matrix
+from pipeline.run.artifacts import ArtifactStore
 from tests.sample_run import build_sample_run
 
 PLOTS = ("funnel", "domains_tiers", "critique_scores", "response_lengths", "operators", "sft_loss",

@@ -13,9 +13,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactStore
-from pipeline.config import load_config
-from pipeline.runner import Runner, status_rows
+from pipeline.run.artifacts import ArtifactStore
+from pipeline.run.config import load_config
+from pipeline.run.runner import Runner, status_rows
 
 REPO = Path(__file__).resolve().parent.parent
 POSTTRAIN = Path(sys.executable).parent / "posttrain"

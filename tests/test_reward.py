@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.models import ModelError
+from pipeline.models.catalog import ModelError
 from reward.score import RewardPool, RewardPoolConfig, RewardScorer, conversation
 from reward.train import check_reward_model, load_pairs_file, pairwise_accuracy, split_pairs
 

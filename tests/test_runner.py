@@ -12,11 +12,11 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.artifacts import ArtifactStore
 from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.runner import RunError, Runner, order_stages, run_stage, status_rows
-from pipeline.stage import Stage
+from pipeline.run.artifacts import ArtifactStore
+from pipeline.run.config import load_config
+from pipeline.run.runner import RunError, Runner, order_stages, run_stage, status_rows
+from pipeline.run.stage import Stage
 from tests.runner_stages import DocsConfig
 
 

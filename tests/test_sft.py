@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.sft import python_doc_sft_records
-from pipeline.moe_train import MoETrainingConfig, routed_lr_scale
-from pipeline.stage import Stage
+from pipeline.run.stage import Stage
+from pipeline.training.moe import routed_lr_scale
+from pipeline.training.moe_config import MoETrainingConfig
 from stages.sft import (
     STAGE,
     SFTDataError,
@@ -129,7 +130,7 @@ def _flat(model) -> dict[str, torch.Tensor]:
 
 
 def test_coarse_to_fine_phases_resume_and_vllm_serves_the_result(embedded_models, ray_session, tmp_path):
-    from pipeline.pool import ChatRequest, PoolConfig, WorkerPool
+    from pipeline.engines.pool import ChatRequest, PoolConfig, WorkerPool
 
     path = embedded_models["tiny-moe"]
     records = python_doc_sft_records(40, max_chars=300)
@@ -241,8 +242,8 @@ SFT_SOURCE = Stage(name="sft_source", inputs=(), outputs=("sft",), config_cls=_S
 
 
 def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_models, tmp_path):
-    from pipeline.config import load_config
-    from pipeline.runner import run_graph
+    from pipeline.run.config import load_config
+    from pipeline.run.runner import run_graph
 
     assert (STAGE.name, STAGE.inputs, STAGE.outputs, STAGE.config_cls) == ("sft", ("sft",), ("sft_model",),
                                                                           SFTStageConfig)

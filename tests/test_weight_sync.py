@@ -12,7 +12,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.kernel_load import (
+from pipeline.engines.kernel_load import (
     Slot,
     Unsupported,
     assign_offsets,
@@ -22,7 +22,7 @@ from pipeline.kernel_load import (
     fingerprint_difference,
     load_slots,
 )
-from pipeline.weight_sync import (
+from pipeline.engines.weight_sync import (
     SharedSegment,
     checkpoint_format_tensors,
     checkpoint_views,
@@ -246,14 +246,14 @@ def test_sync_falls_back_to_the_object_store_where_shared_memory_does_not_apply(
         tiny_pool, embedded_models, monkeypatch, caplog):
     """When the no-copy export cannot be trusted (as for fused experts it does not know), the sync goes
     through the object store and the log says why; forcing shared memory then fails loudly."""
-    import pipeline.weight_sync as weight_sync
+    import pipeline.engines.weight_sync as weight_sync
 
     monkeypatch.setattr(weight_sync, "views_match_checkpoint_format", lambda model: (None, "names differ (e.g. x)"))
     path = embedded_models["tiny-moe"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     saved, tiny_pool._shared = tiny_pool._shared, None  # as a fresh pool
     try:
-        with caplog.at_level("INFO", logger="pipeline.pool"):
+        with caplog.at_level("INFO", logger="pipeline.engines.pool"):
             result = tiny_pool.sync_weights(model)
         assert result["transport"] == "object_store" and "names differ" in caplog.text
         tiny_pool._shared = None

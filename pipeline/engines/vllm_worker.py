@@ -46,13 +46,13 @@ def _unpack(payload):
         import ray.cloudpickle as cloudpickle
 
         payload = ray.get(cloudpickle.loads(payload))
-    from pipeline.weight_sync import unpack_tensors
+    from pipeline.engines.weight_sync import unpack_tensors
 
     return unpack_tensors(payload)
 
 
 class WeightSyncExtension:
-    """Worker-side half of the in-memory weight sync (the trainer side is pipeline/weight_sync.py)."""
+    """Worker-side half of the in-memory weight sync (the trainer side is pipeline/engines/weight_sync.py)."""
 
     def posttrain_load_weights(self, payload) -> dict:
         """Load checkpoint-format weights into the running model, in place.
@@ -81,8 +81,8 @@ class WeightSyncExtension:
 
     def posttrain_shared_plan(self, shapes: dict[str, tuple[int, ...]]) -> dict:
         """Where each checkpoint tensor goes in a shared segment this engine can load from directly
-        (``pipeline/kernel_load.py``), or why it cannot."""
-        from pipeline.kernel_load import Unsupported, assign_offsets, plan_slots
+        (``pipeline/engines/kernel_load.py``), or why it cannot."""
+        from pipeline.engines.kernel_load import Unsupported, assign_offsets, plan_slots
 
         dtype = self.model_runner.model_config.dtype
         try:
@@ -106,7 +106,7 @@ class WeightSyncExtension:
         """
         import torch
 
-        from pipeline.kernel_load import blank_slots, fingerprint, fingerprint_difference, load_slots
+        from pipeline.engines.kernel_load import blank_slots, fingerprint, fingerprint_difference, load_slots
         from pipeline.memory import large_buffers_on_heap
 
         t0 = time.perf_counter()

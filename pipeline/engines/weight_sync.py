@@ -9,7 +9,7 @@ here without a table of our own.
 Two transports (``pool.sync_transport``): through Ray's shared-memory object store as raw byte arrays
 (numpy has no bfloat16), which Ray hands to readers without a copy, into vLLM's ``reload_weights``; or,
 for CPU engines on this machine, written once into a ``SharedSegment`` in the layout the engine asked for,
-from which the engine fills its kernels directly (``pipeline/kernel_load.py``).
+from which the engine fills its kernels directly (``pipeline/engines/kernel_load.py``).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def read_config(run_dir: Path) -> dict:
 
 def read_manifest(run_dir: Path, stage: str) -> dict | None:
     """``stages/<stage>/manifest.json`` as a dict, None when the stage has no (readable) manifest."""
-    from pipeline.artifacts import ArtifactStore
+    from pipeline.run.artifacts import ArtifactStore
 
     return ArtifactStore(run_dir).read_manifest(stage)
 
@@ -102,7 +102,7 @@ def dataset_files(run_dir: Path, name: str) -> list[Path]:
 def read_dataset(run_dir: Path, name: str):
     """A run dataset as an in-memory ``datasets.Dataset`` (None when the stage has not written it),
     read by the run's artifact store (which also reconciles shard schemas)."""
-    from pipeline.artifacts import ArtifactStore
+    from pipeline.run.artifacts import ArtifactStore
 
     if not dataset_files(run_dir, name):
         return None

@@ -22,11 +22,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.models import ModelError, model_architecture, resolve_model
+from pipeline.executor import ray_cause, root_cause
+from pipeline.models.catalog import ModelError, model_architecture, resolve_model
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "pipeline.vllm_worker.WeightSyncExtension"
+WORKER_EXTENSION = "pipeline.engines.vllm_worker.WeightSyncExtension"
 
 
 class PoolConfig(BaseModel):
@@ -113,16 +114,6 @@ class EngineStartError(RuntimeError):
     """An engine failed to start; the message carries the root cause."""
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while True:
-        nxt = exc.__cause__ or exc.__context__
-        if nxt is None or id(nxt) in seen:
-            return exc
-        seen.add(id(exc))
-        exc = nxt
-
-
 class EngineActor:
     """Holds one vllm.LLM. Wrapped with ray.remote by WorkerPool (resources set there)."""
 
@@ -144,7 +135,7 @@ class EngineActor:
         except ModelError:
             raise
         except Exception as exc:
-            root = _root_cause(exc)
+            root = root_cause(exc)
             raise EngineStartError(
                 f"vLLM engine {index} for {model_path} failed to start: {type(root).__name__}: {root}"
             ) from exc
@@ -280,7 +271,7 @@ class WorkerPool:
     def __init__(self, config: PoolConfig | None = None, **overrides):
         import ray
 
-        from pipeline.ray_utils import cluster_has_gpus, ensure_ray
+        from pipeline.executor import cluster_has_gpus, ensure_ray
 
         self.config = cfg = (config or PoolConfig()).model_copy(update=overrides)
         self.model_path = str(resolve_model(cfg.model))
@@ -353,7 +344,7 @@ class WorkerPool:
             try:
                 ray.get(actor.info.remote())
             except Exception as exc:
-                cause = _ray_cause(exc)
+                cause = ray_cause(exc)
                 self.shutdown()
                 if isinstance(cause, ModelError):
                     raise ModelError(str(cause)) from None
@@ -437,7 +428,7 @@ class WorkerPool:
                 if attempts[c] > self.config.max_retries:
                     raise RuntimeError(
                         f"vLLM worker {w} died {attempts[c]} times on a chunk of {len(chunks[c])} requests; "
-                        f"last error: {_ray_cause(exc)}") from None
+                        f"last error: {ray_cause(exc)}") from None
                 log.warning("vLLM worker %d died (%s); re-sending its %d requests", w, type(exc).__name__, len(chunks[c]))
                 # Other chunks still running on that worker died with it and come back here too.
                 if not any(wk == w for _, wk in running.values()):
@@ -446,7 +437,7 @@ class WorkerPool:
                 pending.insert(0, c)
                 continue
             except ray.exceptions.RayTaskError as exc:
-                raise RuntimeError(f"vLLM worker {w} failed: {_ray_cause(exc)}") from None
+                raise RuntimeError(f"vLLM worker {w} failed: {ray_cause(exc)}") from None
             idle.append(w)
             if progress is not None:
                 progress(len(chunks[c]))
@@ -515,7 +506,11 @@ class WorkerPool:
         """Check the trainer's views and the engines' plans; make the segment. False: use the object store."""
         import ray
 
-        from pipeline.weight_sync import SharedSegment, checkpoint_views, views_match_checkpoint_format
+        from pipeline.engines.weight_sync import (
+            SharedSegment,
+            checkpoint_views,
+            views_match_checkpoint_format,
+        )
 
         convention, why = views_match_checkpoint_format(model)
         plans = []
@@ -542,7 +537,7 @@ class WorkerPool:
         and later syncs use the object store."""
         import torch
 
-        from pipeline.weight_sync import checkpoint_views
+        from pipeline.engines.weight_sync import checkpoint_views
 
         sh = self._shared
         t0 = time.perf_counter()
@@ -573,7 +568,7 @@ class WorkerPool:
             if sh["verified"]:
                 raise
             log.warning("weight sync: an engine could not load from shared memory (%s); syncing through Ray's "
-                        "object store from now on", _ray_cause(exc))
+                        "object store from now on", ray_cause(exc))
             seg.close()
             self._shared = False
             return None
@@ -590,7 +585,7 @@ class WorkerPool:
     def _sync_object_store(self, model, target) -> dict:
         import ray
 
-        from pipeline.weight_sync import checkpoint_format_tensors, pack_tensors, payload_bytes
+        from pipeline.engines.weight_sync import checkpoint_format_tensors, pack_tensors, payload_bytes
 
         t0 = time.perf_counter()
         packed = pack_tensors(checkpoint_format_tensors(model, target))
@@ -614,17 +609,3 @@ class WorkerPool:
         import ray
 
         return ray.get([a.checksum.remote(names) for a in self.actors])
-
-
-def _ray_cause(exc: BaseException) -> BaseException:
-    """The user's exception inside a Ray error, when there is one."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        return cause
-    inner = getattr(exc, "as_instanceof_cause", None)
-    if callable(inner):
-        try:
-            return inner()
-        except Exception:
-            pass
-    return exc

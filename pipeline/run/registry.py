@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import Stage
+from pipeline.run.stage import Stage
 
 DEFAULT_GRAPH: tuple[str, ...] = ("seeds", "generate", "evolve", "answer", "filter", "sft", "reward", "dpo",
                                   "report")

@@ -64,17 +64,7 @@ def render(template: str, **values: Any) -> str:
     return template.format(**values).strip()
 
 
-def files_version(*paths: str) -> str:
-    """Hash of the helper modules and default config files a stage depends on (repository-relative).
-
-    The runner fingerprints a stage by its own module's source and ``Stage.version``; passing this
-    as the version makes edits to shared helpers or to the default prompt files rerun the stage too.
-    """
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in paths:
-        p = REPO_ROOT / path
-        digest.update(path.encode())
-        digest.update(p.read_bytes() if p.is_file() else b"missing")
-    return digest.hexdigest()[:16]
+def chat_messages(system: str | None, prompt: str) -> list[dict[str, str]]:
+    """A chat request: the optional system message, then the user turn."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": prompt}]

@@ -21,14 +21,15 @@ were made from: a resumed stage reuses exactly the shards whose inputs have not 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pipeline.files import atomic_write_text, replace_folder
 
 if TYPE_CHECKING:
     import datasets
@@ -43,26 +44,6 @@ SPECIAL_DIRS = {"report": "report"}
 
 class ArtifactError(RuntimeError):
     """An artifact is missing or unreadable; the message names the path and the fix."""
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal values give equal strings (for hashing)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def fingerprint(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj``."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -274,13 +255,7 @@ class ArtifactStore:
         for i, start in enumerate(starts):
             part = table.slice(start, shard_size)
             _write_table(_with_meta(part, {"index": i, "shards": len(starts)}), tmp / f"shard-{i:05d}.parquet")
-        if dest.exists():
-            old = dest.parent / f".{name}.old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_folder(tmp, dest)
         return n
 
     def read_dataset(self, name: str, stage: str | None = None) -> datasets.Dataset:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.weight_sync import EXPERT_NAME_CONVENTIONS
+from pipeline.engines.weight_sync import EXPERT_NAME_CONVENTIONS
 
 ALIGN = 64  # bytes: every region starts on a cache line (oneDNN reads them with vector loads)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.run_stats import RunSummary, stage_seconds
+from pipeline.reporting.run_stats import RunSummary, stage_seconds
 
 # Meaning of every field the pipeline writes (ARCHITECTURE.md, "Dataset names and record formats").
 # Keys are column names; ``(config_kind, column)`` overrides a meaning for one kind of config.

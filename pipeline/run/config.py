@@ -6,7 +6,7 @@ seed: 0
 graph: [seeds, generate, ...]        # enabled stages (the runner orders them by inputs/outputs)
 plugins: ["tests.runner_stages:DOCS_STAGE"]   # extra stages ("module:ATTR" or "file.py:ATTR")
 ray: {address: null, num_cpus: null, num_gpus: null}
-models:                               # model roles -> vLLM worker pools (pipeline.pool.PoolConfig)
+models:                               # model roles -> vLLM worker pools (pipeline.engines.pool.PoolConfig)
   policy: {model: smollm2-moe}
 resources:                            # per stage: Ray resources of its remote shards
   filter: {remote: true, num_cpus: 1, num_workers: 2}
@@ -22,18 +22,17 @@ field path, and what is allowed.
 
 from __future__ import annotations
 
-import difflib
 import os
-import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
-from pipeline.pool import PoolConfig
-from pipeline.registry import DEFAULT_GRAPH, DEFAULT_STAGES, RegistryError, plugin_stages, resolve_stages
-from pipeline.stage import ModelRole, Stage, roles_named
+from pipeline.engines.pool import PoolConfig
+from pipeline.run.config_errors import format_errors, source_of
+from pipeline.run.registry import DEFAULT_GRAPH, DEFAULT_STAGES, RegistryError, plugin_stages, resolve_stages
+from pipeline.run.stage import ModelRole, Stage, roles_named
 
 __all__ = ["ConfigError", "ModelRole", "RayConfig", "RunConfig", "StageResources", "build_config", "load_config"]
 
@@ -223,14 +222,14 @@ def build_config(data: dict, source: str = "<config>", origins: dict[tuple, str]
     try:
         head = _Head.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, _Head, source, origins)) from None
+        raise ConfigError(format_errors(exc, _Head, source, origins)) from None
     plugins = [_resolve_plugin_path(p, base_dir) for p in head.plugins]
-    problems = [f"{_source(('graph',), source, origins)}: graph: stage {n!r} is listed twice"
+    problems = [f"{source_of(('graph',), source, origins)}: graph: stage {n!r} is listed twice"
                 for i, n in enumerate(head.graph) if n in head.graph[:i]]
     try:
         stages = resolve_stages(head.graph, plugins)
     except RegistryError as exc:
-        raise ConfigError(problems + [f"{_source((p.split('[')[0],), source, origins)}: {p}: {m}{_plugin_fix(p, m)}"
+        raise ConfigError(problems + [f"{source_of((p.split('[')[0],), source, origins)}: {p}: {m}{_plugin_fix(p, m)}"
                                       for p, m in exc.problems]) from None
     if problems:
         raise ConfigError(problems)
@@ -241,7 +240,7 @@ def build_config(data: dict, source: str = "<config>", origins: dict[tuple, str]
     try:
         cfg = model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, model, source, origins)) from None
+        raise ConfigError(format_errors(exc, model, source, origins)) from None
     cfg._stages = stages
     problems = _check_roles(cfg, source, origins)
     if problems:
@@ -312,7 +311,7 @@ def _check_roles(cfg: RunConfig, source: str, origins: dict) -> list[str]:
         for field_path, role in roles_named(cfg.stage_config(name)):
             if role not in cfg.models:
                 path = ("stages", name, *field_path.split("."))
-                problems.append(f"{_source(path, source, origins)}: {'.'.join(path)}: model role {role!r} is not "
+                problems.append(f"{source_of(path, source, origins)}: {'.'.join(path)}: model role {role!r} is not "
                                 f"defined; defined roles: {', '.join(cfg.models) or '(none)'}; "
                                 f"fix: add models.{role} or use a defined role")
     return problems
@@ -329,96 +328,3 @@ def config_dict(cfg: RunConfig) -> dict:
     for key in ("stages", "resources"):
         data[key] = {k: v for k, v in (data.get(key) or {}).items() if v is not None}
     return data
-
-
-# -- error formatting ------------------------------------------------------------------------------
-
-def _unwrap(tp: Any) -> Any:
-    """The model / dict / list type inside Optional, Union and Annotated wrappers."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        return _unwrap(typing.get_args(tp)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(tp):
-            inner = _unwrap(arg)
-            if (isinstance(inner, type) and issubclass(inner, BaseModel)) or typing.get_origin(inner) in (dict, list):
-                return inner
-    return tp
-
-
-def _walk(root: type[BaseModel], loc: tuple) -> tuple[list, type[BaseModel] | None]:
-    """Field path of a pydantic error location (union branch tags dropped) and the model that
-    holds the last field."""
-    parts: list = []
-    parent: type[BaseModel] | None = None
-    cur: Any = root
-    for item in loc:
-        t = _unwrap(cur)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            parent = t
-            parts.append(item)
-            cur = t.model_fields[item].annotation if item in t.model_fields else None
-        elif typing.get_origin(t) is dict:
-            parts.append(item)
-            cur = typing.get_args(t)[1]
-        elif typing.get_origin(t) in (list, tuple) and isinstance(item, int):
-            parts.append(item)
-            cur = typing.get_args(t)[0] if typing.get_args(t) else None
-        elif cur is None or t is Any:
-            parts.append(item)
-        # else: a union-branch tag such as "int" or "function-after[...]": not part of the path
-    return parts, parent
-
-
-def _fmt_path(parts: list) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
-def _source(parts: tuple | list, source: str, origins: dict[tuple, str]) -> str:
-    key = tuple(str(p) for p in parts)
-    for path, text in origins.items():
-        n = min(len(path), len(key))
-        if n and path[:n] == key[:n]:
-            return text
-    return source
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _did_you_mean(name: Any, parent: type[BaseModel] | None) -> str:
-    """' (did you mean 'rounds'?)' for a near miss among the parent's fields: a typo reads as one."""
-    close = difflib.get_close_matches(str(name), list(parent.model_fields), n=1) if parent else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _format_errors(exc: ValidationError, root: type[BaseModel], source: str, origins: dict) -> list[str]:
-    seen: dict[str, str] = {}
-    for err in exc.errors():
-        parts, parent = _walk(root, err["loc"])
-        path = _fmt_path(parts)
-        if path in seen:
-            continue
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            allowed = ", ".join(parent.model_fields) if parent else "?"
-            if parent is not None and parent.__name__ in ("StagesConfig", "ResourcesConfig"):
-                msg = f"unknown stage {parts[-1]!r}{_did_you_mean(parts[-1], parent)}; known stages: {allowed} " \
-                      "(add others with plugins:)"
-            else:
-                msg = f"unknown field {parts[-1]!r}{_did_you_mean(parts[-1], parent)}; allowed fields: {allowed}"
-        elif kind == "missing":
-            msg = "required field is missing"
-        else:
-            msg = f"{err['msg']} (got {_short(err.get('input'))})"
-            info = parent.model_fields.get(parts[-1]) if parent is not None and parts else None
-            doc = (info.description or "").strip().split("\n")[0] if info is not None else ""
-            if doc:
-                msg += f"; the field: {doc}"
-        seen[path] = f"{_source(parts, source, origins)}: {path}: {msg}"
-    return list(seen.values())

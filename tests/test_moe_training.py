@@ -1,4 +1,4 @@
-"""MoE training helpers (pipeline/moe_train.py): dropout, router aux loss, expert load, expert LRs.
+"""MoE training helpers (pipeline/training/moe_train.py): dropout, router aux loss, expert load, expert LRs.
 
 Models: the embedded random `tiny-moe` (Qwen2-MoE, our policy's architecture) and tiny random
 HunYuan-MoE-V1 and Mixtral models built here, all on CPU in float32.
@@ -20,10 +20,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from pipeline.moe_train import (
-    ExpertLoadCallback,
-    LRWindow,
-    MoETrainingConfig,
+from pipeline.training.moe import (
     apply_moe_dropout,
     classify_param,
     lr_factor,
@@ -32,6 +29,8 @@ from pipeline.moe_train import (
     routed_lr_scale,
     window_scheduler,
 )
+from pipeline.training.moe_config import LRWindow, MoETrainingConfig
+from pipeline.training.moe_trainer import ExpertLoadCallback
 
 
 def _tiny(arch: str, path=None):
@@ -172,7 +171,7 @@ def _sft_trainer(path, tmp_path, *, coef=0.01, steps=3, lr=2e-5, window=None, mo
     from trl import SFTConfig, SFTTrainer
 
     from benchmarks.sft import python_doc_sft_records
-    from pipeline.moe_train import moe_trainer_class
+    from pipeline.training.moe_trainer import moe_trainer_class
     from stages.sft import training_chat_template
 
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,6 +1,6 @@
 """The stage contract: what a stage declares (`Stage`) and what it gets while it runs (`StageContext`).
 
-A stage module ends with a ``STAGE = Stage(...)`` object; the runner (``pipeline/runner.py``)
+A stage module ends with a ``STAGE = Stage(...)`` object; the runner (``pipeline/run/runner.py``)
 orders stages by their declared inputs and outputs, decides which ones to run, and calls
 ``stage.run(ctx)``. Everything a stage reads or writes goes through its context, so that outputs
 are written atomically, fingerprinted and resumable after a kill.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 import typing
@@ -20,13 +21,24 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel
 
+from pipeline.executor import (
+    CapacityError,
+    TaskError,
+    WorkerDied,
+    check_capacity,
+    first_line,
+    remote_task,
+    run_items,
+)
+from pipeline.files import canonical_json
+
 if TYPE_CHECKING:  # imported lazily at run time: these pull in Ray / vLLM / datasets
     import datasets
 
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.config import RunConfig, StageResources
-    from pipeline.pool import WorkerPool
-    from pipeline.progress import Bar, ProgressReporter
+    from pipeline.engines.pool import WorkerPool
+    from pipeline.run.artifacts import ArtifactStore
+    from pipeline.run.config import RunConfig, StageResources
+    from pipeline.run.progress import Bar, ProgressReporter
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -113,8 +125,6 @@ def record_seed(run_seed: int, record_id: str, salt: str = "") -> int:
 
 def records_hash(records: Sequence[Any]) -> str:
     """Content hash of a list of records (identifies a shard's input, to reuse finished shards)."""
-    from pipeline.artifacts import canonical_json
-
     return hashlib.blake2b(canonical_json(list(records)).encode(), digest_size=16).hexdigest()
 
 
@@ -234,8 +244,6 @@ class StageContext:
         ``num_workers`` at once, re-run up to ``max_retries`` times when their worker dies); then
         ``fn`` must not capture a worker pool (pools live in the driver process).
         """
-        from pipeline.runner import run_shards
-
         kind = self._kind(name)
         self._claim(name, kind)
         stage_dir = self.name if kind == "intermediate" else None
@@ -271,24 +279,85 @@ class StageContext:
                 if self.resources.remote:
                     self.ensure_ray()
                     self.used_ray = True
-                run_shards(self, name, shards, todo, fn, finished, stats)
+                self._run_shards(name, shards, todo, fn, finished, stats)
         finally:
             bar.close()
             self.on_progress()
         self.store.unify_shards(name, stage=stage_dir)
         return self.store.read_dataset(name, stage=stage_dir).to_list()
 
+    def _run_shards(self, name: str, shards: list[list[dict]], todo: list[int],
+                    fn: Callable[[list[dict]], list[dict]], finished: Callable[[int, list[dict]], None],
+                    stats: dict) -> None:
+        """Run ``fn`` on the shards in ``todo``: in this process, or as Ray tasks when the stage's resources say
+        ``remote``. ``finished(i, records)`` writes each result as it arrives."""
+        if not self.resources.remote:
+            for i in todo:
+                try:
+                    out = fn(shards[i])
+                except Exception as exc:
+                    raise StageError(f"stage {self.name}: shard {i} of {name!r} ({len(shards[i])} records) failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+                finished(i, out)
+            return
+        import ray
+
+        res = self._checked_resources()
+        fn_ref = ray.put(fn)  # serialized once, shared by every shard task
+
+        def died(i: int, slot: int, exc: BaseException, attempt: int) -> None:
+            stats["retries"] += 1
+            self.log.warning("shard %d of %s: Ray worker died (%s); re-running it (retry %d/%d)", i, name,
+                             type(exc).__name__, attempt, res.max_retries)
+
+        try:
+            run_items(todo, lambda i, _: remote_task(f"{self.name}:{name}[{i}]", res.num_cpus, res.num_gpus)
+                      .remote(fn_ref, shards[i]), range(res.num_workers), max_retries=res.max_retries,
+                      on_result=finished, on_death=died)
+        except WorkerDied as exc:
+            stats["retries"] += 1
+            raise StageError(f"stage {self.name}: shard {exc.index} of {name!r}: its Ray worker died {exc.attempts} "
+                             f"times (resources.{self.name}.max_retries={res.max_retries}); last error: "
+                             f"{first_line(exc.last)}") from None
+        except TaskError as exc:
+            raise StageError(f"stage {self.name}: shard {exc.index} of {name!r} failed on a Ray worker: {exc}") from None
+
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` once with this stage's resources: as a Ray task with
         ``num_cpus``/``num_gpus`` (re-run if its worker dies) when ``resources.<stage>.remote``
         is true (e.g. training on a GPU node), else in the driver process."""
-        from pipeline.runner import call_remote
-
         if not self.resources.remote:
             return fn(*args, **kwargs)
         self.ensure_ray()
         self.used_ray = True
-        return call_remote(self, fn, args, kwargs)
+        res = self._checked_resources()
+        result: dict[int, Any] = {}
+
+        def died(i: int, slot: int, exc: BaseException, attempt: int) -> None:
+            self.log.warning("Ray task of stage %s died (%s); re-running it", self.name, type(exc).__name__)
+
+        try:
+            run_items([0], lambda i, _: remote_task(f"{self.name}:call", res.num_cpus, res.num_gpus)
+                      .remote(fn, *args, **kwargs), [0], max_retries=res.max_retries,
+                      on_result=result.__setitem__, on_death=died)
+        except WorkerDied as exc:
+            raise StageError(f"stage {self.name}: its Ray task died {exc.attempts} times "
+                             f"(resources.{self.name}.max_retries={res.max_retries}); last error: "
+                             f"{first_line(exc.last)}") from None
+        except TaskError as exc:
+            raise StageError(f"stage {self.name}: its Ray task failed: {exc}") from None
+        return result[0]
+
+    def _checked_resources(self) -> StageResources:
+        """This stage's resources, after checking that some Ray node can run a task that asks for them."""
+        res = self.resources
+        fixed = not (self.run_config.ray.address or os.environ.get("RAY_ADDRESS"))
+        try:
+            check_capacity(res.num_cpus, res.num_gpus, fixed, what=f"stage {self.name}: resources.{self.name}",
+                           fix=f"lower resources.{self.name}.num_cpus/num_gpus or raise ray.num_cpus/num_gpus")
+        except CapacityError as exc:
+            raise StageError(str(exc)) from None
+        return res
 
     # -- pools, metrics, progress ---------------------------------------------------------------
     def pool(self, role: str) -> WorkerPool:
@@ -321,10 +390,3 @@ def _check_output(stage: str, name: str, index: int, out: Any) -> None:
             type(next(r for r in out if not isinstance(r, dict))).__name__
         raise StageError(f"stage {stage}: the map function for {name!r} returned {got} for shard {index}; "
                          "it must return a list of dicts (one per output record)")
-
-
-
-def apply_fn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Body of the runner's Ray tasks. It lives in this light module (pydantic only) so that a Ray
-    worker does not import the runner, the config and, through them, transformers."""
-    return fn(*args, **kwargs)

