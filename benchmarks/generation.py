@@ -2,11 +2,15 @@
 
     python -m benchmarks.generation [--model smollm2-moe] [--prompts 32] [--max-tokens 128]
 
+All three generators get the same prompts, the same count and the same warm-up (the first ``WARMUP`` prompts,
+generated once before the timed run).
+
 Figures (last line, JSON):
 - pool_vs_raw: tokens/s of our WorkerPool (a vLLM engine in a Ray actor) / tokens/s of a raw
   ``vllm.LLM`` on the same prompts, sampling params and per-request seeds (so both produce the
   same tokens). Target >= 0.90.
-- vllm_vs_hf: raw vLLM tokens/s / transformers ``generate`` tokens/s (batched, same sampling).
+- vllm_vs_hf: raw vLLM tokens/s / transformers ``generate`` tokens/s: one batch of all prompts, the same
+  sampling parameters (transformers has no per-request seed, so its samples, and their lengths, differ).
 - sync_vs_copy: seconds to push the model's weights into the running engine (the pool's default
   transport: shared memory on a CPU engine) / seconds for a plain in-memory copy of the same bytes.
   Target <= 5. object_store_vs_copy: the same through Ray's object store and vLLM's reload_weights.
@@ -21,6 +25,9 @@ import os
 import platform
 import statistics
 import time
+
+WARMUP = 2
+"""Prompts each generator runs once before it is timed (compilation, allocator, caches)."""
 
 
 def _prompts(k: int) -> list[list[dict]]:
@@ -39,7 +46,7 @@ def bench_raw_vllm(path: str, prompts, max_tokens: int, temperature: float, top_
               seed=0, disable_log_stats=True)
     params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=i)
               for i in range(len(prompts))]
-    llm.chat(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.chat(prompts[:WARMUP], params[:WARMUP], use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.chat(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -56,7 +63,7 @@ def bench_pool(path: str, prompts, max_tokens: int, temperature: float, top_p: f
     pool = WorkerPool(PoolConfig(model=path, dtype="float32", max_model_len=2048, max_num_seqs=64, kv_cache_gib=2))
     reqs = [ChatRequest(messages=m, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=i)
             for i, m in enumerate(prompts)]
-    pool.generate(reqs[:2])  # warm-up
+    pool.generate(reqs[:WARMUP])
     t0 = time.perf_counter()
     res = pool.generate(reqs)
     dt = time.perf_counter() - t0
@@ -71,20 +78,24 @@ def bench_hf(path: str, prompts, max_tokens: int, temperature: float, top_p: flo
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def generate(batch_texts: list[str]):
+        batch = tok(batch_texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
+        return out[:, batch["input_ids"].shape[1]:]
+
     torch.manual_seed(0)
+    generate(texts[:WARMUP])
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
+    gen = generate(texts)
     dt = time.perf_counter() - t0
-    gen = out[:, batch["input_ids"].shape[1]:]
     # count tokens up to and including the first EOS, as vLLM does
     eos = tok.eos_token_id
     tokens = 0
     for row in gen.tolist():
         tokens += (row.index(eos) + 1) if eos in row else len(row)
-    del model
     gc.collect()
     return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
 
@@ -92,8 +103,8 @@ def bench_hf(path: str, prompts, max_tokens: int, temperature: float, top_p: flo
 def plain_copy_seconds(tensors: list, repeats: int = 3) -> float:
     """Median seconds to copy ``tensors`` into buffers allocated and touched beforehand: the plain in-memory
     copy a weight sync is compared with. Pre-touched, so the figure is the copy alone: a copy into fresh
-    memory also pays its page faults, which on this machine measured 0.17-1.36 s for the same 1.65 GB
-    depending on what the heap held (the stricter baseline makes the ratio larger, not smaller)."""
+    memory also pays its page faults, whose cost varies with what the heap held (the stricter baseline makes
+    the ratio larger, not smaller)."""
     import torch
 
     dst = [torch.empty_like(t) for t in tensors]
@@ -113,7 +124,7 @@ def bench_sync(pool, path: str, repeats: int = 3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.engines.weight_sync import checkpoint_format_tensors
+    from pipeline.engines.sync.tensors import checkpoint_format_tensors
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = {}
@@ -132,7 +143,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-moe")
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--hf-prompts", type=int, default=16, help="transformers is slow on CPU: fewer prompts, same rate")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -146,7 +156,7 @@ def main() -> None:
     sampling = (args.max_tokens, args.temperature, args.top_p)
     raw = bench_raw_vllm(path, prompts, *sampling)
     print("raw vLLM:", raw, flush=True)
-    hf = bench_hf(path, prompts[: args.hf_prompts], *sampling)
+    hf = bench_hf(path, prompts, *sampling)
     print("transformers generate:", hf, flush=True)
     ensure_ray()
     pool, pooled = bench_pool(path, prompts, *sampling)
@@ -161,6 +171,7 @@ def main() -> None:
         "model": args.model,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "prompts": len(prompts),
+        "warmup_prompts": WARMUP,
         "max_tokens": args.max_tokens,
         "raw_vllm_tok_s": round(raw["tok_s"], 1),
         "pool_tok_s": round(pooled["tok_s"], 1),

@@ -32,8 +32,7 @@ def _instructions(n: int) -> list[dict]:
     from pydoc_data.topics import topics
 
     from stages.generate import instruction_id
-    from stages.seed_sources import SeedSource, SkipLog, load_documents
-    from stages.seeds import default_sources
+    from stages.seeds import SeedSource, SkipLog, default_sources, load_documents
     from stages.taxonomy import label_domain, load_taxonomy
 
     faq = next(s for s in default_sources() if s.kind == "web_qa")

@@ -48,8 +48,8 @@ def main() -> None:
     from vllm import LLM
 
     from benchmarks.generation import plain_copy_seconds
-    from pipeline.engines.pool import WORKER_EXTENSION
-    from pipeline.engines.weight_sync import checkpoint_format_tensors, payload_bytes
+    from pipeline.engines.engine import WORKER_EXTENSION
+    from pipeline.engines.sync.tensors import checkpoint_format_tensors, payload_bytes
     from pipeline.models.catalog import resolve_model
 
     path = str(resolve_model(args.model))
@@ -95,7 +95,8 @@ def _shared_loads(llm, model, repeats: int) -> dict:
     checks itself against vLLM's reload), total and per slot kind."""
     import torch
 
-    from pipeline.engines.weight_sync import SharedSegment, checkpoint_views
+    from pipeline.engines.sync.shared_memory import SharedSegment
+    from pipeline.engines.sync.tensors import checkpoint_views
 
     with checkpoint_views(model) as views:
         plan = llm.collective_rpc("posttrain_shared_plan", args=({n: tuple(t.shape) for n, t in views},))[0]

@@ -32,7 +32,7 @@ class CritiqueConfig(BaseModel):
     this repository)."""
     few_shot: bool = True
     """Show the prompt file's few-shot examples (False for a critic fine-tuned on the format with
-    critique/train.py, which was trained without them)."""
+    stages/sft/critic.py, which was trained without them)."""
     temperature: float = Field(0.0, ge=0)
     """Sampling temperature of the first attempt (0: greedy, the most format-faithful)."""
     max_tokens: int = Field(96, ge=16)

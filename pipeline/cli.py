@@ -290,12 +290,12 @@ def critic_train(
     max_steps: int | None = typer.Option(None, help="Cap on optimizer steps."),
     backend: str = typer.Option("ray", help="ray (Ray Train job) or local (this process)."),
 ) -> None:
-    """Fine-tune a critique model on graded examples (critique/train.py, through the SFT trainer)."""
+    """Fine-tune a critique model on graded examples (stages/sft/critic.py, through the SFT trainer)."""
     from pathlib import Path
 
     import datasets
 
-    from critique.train import CritiqueDataError, CritiqueTrainConfig, train_critique_model
+    from stages.sft.critic import CritiqueDataError, CritiqueTrainConfig, train_critique_model
 
     path = Path(data)
     if path.is_dir():

@@ -40,16 +40,15 @@ def release_freed_memory() -> None:
 def large_buffers_on_heap(keep_freed: bool = False) -> Iterator[None]:
     """Inside the block, large allocations come from the heap and freed memory stays there for the next step.
 
-    glibc serves every allocation over 32 MB (a batch's logits, the embedding gradient, the MoE expert buffers)
+    glibc serves every large allocation (a batch's logits, the embedding gradient, the MoE expert buffers)
     with a fresh ``mmap`` and unmaps it on free, so each training step page-faults and zeroes those gigabytes
-    again. Measured on one online DPO round of the embedded 413M policy on 2 cores: 66.0 s wall with 13.4 s
-    of it in the kernel (5.6 M page faults), 55.5 s with this block (5.3 s kernel, 1.8 M faults), peak RSS
-    13.4 -> 13.8 GB. jemalloc or tcmalloc would do the same, but need LD_PRELOAD before the process starts.
+    again; inside the block they come from the heap and are reused (the README's Performance section has the
+    measured effect). jemalloc or tcmalloc would do the same, but need LD_PRELOAD before the process starts.
     On exit the defaults come back and the freed heap is returned to the OS. A no-op where libc is not glibc.
 
     ``keep_freed``: on exit only large allocations go back to ``mmap``; the heap keeps what was freed in
     the block for the next one (for a block that runs again and again, such as a weight sync into a CPU
-    engine, which replaces ~200 MB of prepacked GEMM buffers each time: 55 k page faults per sync without).
+    engine, which replaces its prepacked GEMM buffers each time).
     """
     libc = _glibc()
     if libc is None:

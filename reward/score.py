@@ -30,8 +30,7 @@ class RewardPoolConfig(BaseModel):
     `num_threads` says otherwise."""
     num_threads: int | None = Field(None, ge=1)
     """Torch threads per actor; None: `num_cpus_per_worker`. More threads than reserved CPUs pays off where
-    scoring never overlaps other work, as in the online DPO loop (sample, then score, then train): on 2 cores
-    48 conversations took 34.5 s with 1 thread and 18.6 s with 2."""
+    scoring never overlaps other work, as in the online DPO loop (sample, then score, then train)."""
     batch_size: int = Field(16, ge=1)
     """Conversations per forward pass (sorted by length first, so little padding)."""
     max_length: int = Field(1024, ge=16)

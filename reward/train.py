@@ -185,8 +185,8 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
             per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             warmup_steps=cfg.warmup_ratio, max_length=cfg.max_length, seed=cfg.seed,
             center_rewards_coefficient=cfg.center_rewards_coefficient,
-            # CPU facts (PLATFORM.md): float32 is 3x faster than bf16 here; checkpointing only costs time
-            # at these sizes.
+            # CPU facts (PLATFORM.md): CPUs without bf16 units run float32 faster; checkpointing only costs
+            # time at these sizes.
             bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         )

@@ -50,6 +50,22 @@ def tiny_pool(ray_session, embedded_models):
     pool.shutdown()
 
 
+@pytest.fixture
+def tiny_sync_pool(tiny_pool, embedded_models):
+    """`tiny_pool` for a test that syncs other weights into it or changes how it syncs: its sync transports start
+    as in a fresh pool, and after the test, passed or failed, they are reset again and the engines get back
+    the weights they started with, so no other test depends on what this one did."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tiny_pool.reset_sync()
+    try:
+        yield tiny_pool
+    finally:
+        tiny_pool.reset_sync()
+        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(embedded_models["tiny-moe"], dtype=torch.float32))
+
+
 @pytest.fixture(scope="session")
 def instruct_pool(ray_session, embedded_models):
     """The real SmolLM2-135M-Instruct (dense): sensible text."""

@@ -203,10 +203,12 @@ def build_sample_run(run_dir: Path, *, n_topics: int = 12, model_dir: Path | Non
                      for s in range(1, 11)]
     write_stage(run_dir, "reward", seconds=200.0, series=reward_series, metrics={"eval_accuracy": 0.7},
                 inputs=["preferences"])
+    # The key strings a dpo stage writes (stages/dpo/metrics.py), spelled out: a run directory written by an
+    # earlier version must still be reported.
     dpo_series = [{"round": r, "reward_mean": round(0.2 * r + rng.uniform(0, 0.1), 4),
                    "reward_std": round(0.5 + rng.uniform(0, 0.1), 4), "reward_margin": round(1.0 + 0.3 * r, 4),
-                   "dpo_accuracy": round(0.6 + 0.1 * r, 4), "kl": round(0.01 * r, 5),
-                   "win_rate": round(0.5 + 0.08 * r, 4), "pairs": 5, "skipped_ties": 1} for r in (1, 2)]
+                   "rewards_accuracies": round(0.6 + 0.1 * r, 4), "kl": round(0.01 * r, 5),
+                   "eval_win_rate": round(0.5 + 0.08 * r, 4), "pairs_online": 5, "ties": 1} for r in (1, 2)]
     if model_dir is not None:
         shutil.copytree(model_dir, run_dir / "models" / "dpo_model")
     write_stage(run_dir, "dpo", seconds=600.0, series=dpo_series, metrics={"rounds": 2},

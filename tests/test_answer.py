@@ -41,6 +41,7 @@ def test_routes_are_checked_against_taxonomy_and_roles():
     assert route("code", cfg) == "coder" and route("math", cfg) == "general"
 
 
+@pytest.mark.slow
 def test_domains_go_to_their_models_with_k_samples_for_objective(tiny_pool, instruct_pool, records):
     pools = {"general": instruct_pool, "tiny": tiny_pool}
     asked: list[str] = []
@@ -77,6 +78,7 @@ def test_domains_go_to_their_models_with_k_samples_for_objective(tiny_pool, inst
     assert [a["responses"] for a in again] == [a["responses"] for a in answers[:2]]
 
 
+@pytest.mark.slow
 def test_seeds_to_answers_through_the_runner(tmp_path, instruct_pool, tiny_pool):
     """seeds -> generate -> evolve -> answer as the runner runs them (StageContext, resumable shards,
     manifests), on the session engines handed to the runner as already running pools: math and

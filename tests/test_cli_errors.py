@@ -69,7 +69,7 @@ def w(tmp_path_factory) -> dict[str, str]:
     files["folder"] = str(root / "folder.yaml")
 
     # Seed files: JSONL lines made from the real FAQ pairs, broken in the ways real files are.
-    from stages.seed_sources import SeedSource, SkipLog, load_documents
+    from stages.seeds import SeedSource, SkipLog, load_documents
 
     pairs = [(d.question, d.answer) for d in load_documents(SeedSource(kind="web_qa", paths=[str(FAQ)]), SkipLog())]
     data = root / "seeddata"

@@ -137,6 +137,7 @@ def garbage_pairs():
     return [(f"Explain the Python topic '{n}'.", topics[n][:300]) for n in names]
 
 
+@pytest.mark.slow
 def test_unparseable_policies_on_a_real_engine(tiny_pool, garbage_pairs):
     """The random tiny MoE never writes the format: each policy does what it says, and the parse
     rate is measured as 0."""
@@ -183,14 +184,15 @@ def _topic_pairs(k: int):
     return out
 
 
+@pytest.mark.slow
 def test_fine_tuning_teaches_a_critic_the_format(tmp_path, embedded_models):
-    """critique/train.py through the SFT stage's trainer: the random tiny dense model, fine-tuned on
+    """stages/sft/critic.py through the SFT stage's trainer: the random tiny dense model, fine-tuned on
     graded examples (labels derived from real documentation text: a topic's own paragraph is tier 4,
     another topic's is tier 1), goes from never writing a parseable critique to writing them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from critique.train import (
+    from stages.sft.critic import (
         CritiqueDataError,
         CritiqueTrainConfig,
         critique_training_records,

@@ -10,29 +10,37 @@ on a larger budget by `python -m benchmarks.dpo`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import textwrap
+import typing
+from types import SimpleNamespace
 
-import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from reward.score import RewardPool
 from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
 from stages import dpo
 from stages.dpo import (
+    DpoLossType,
     OnlineDPOConfig,
-    dpo_training_args,
+    best_worst_pairs,
+    dpo_loss,
+    kl_estimate,
+    make_trainer,
     online_dpo,
     prompt_rows,
-    replay_dpo_trainer_class,
     sequence_logprobs,
     split_prompts,
     tokenize_replay,
 )
+from stages.dpo import loop as dpo_loop
+from stages.dpo import rollout as dpo_rollout
+from stages.dpo.trainer import unpatch_forward
 
 # Small enough for the test budget; a learning rate that moves a random tiny model in a few steps.
 LOOP = dict(rounds=2, prompts_per_round=6, samples_per_prompt=4, max_tokens=16, eval_prompts=8, eval_samples=2,
@@ -53,9 +61,23 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def _restore(pool, path):
-    """Put the fixture engines back to the model they were started with (other tests share them)."""
-    pool.sync_weights(_load(path))
+@contextlib.contextmanager
+def restored(pool, path):
+    """Inside the block a test may sync other weights into the shared session engines and wrap their
+    ``sync_weights``; whatever happens, they leave it with their own ``sync_weights`` and the weights of ``path``
+    (the model they were started with), so no other test depends on what this one did."""
+    try:
+        yield pool
+    finally:
+        pool.__dict__.pop("sync_weights", None)
+        pool.sync_weights(_load(path))
+
+
+@pytest.fixture
+def policy_pool(tiny_pool, embedded_models):
+    """The session's `tiny_pool`, given back with its starting weights after the test (``restored``)."""
+    with restored(tiny_pool, embedded_models["tiny-moe"]):
+        yield tiny_pool
 
 
 # -- prompts -----------------------------------------------------------------------------------------------
@@ -113,7 +135,101 @@ def test_stdlib_prompts_are_the_functions_the_reward_stage_does_not_use():
         dpo.stdlib_prompt_rows(100_000)
 
 
-# -- loss decomposition ------------------------------------------------------------------------------------
+# -- pairing and KL ----------------------------------------------------------------------------------------
+
+def _result(texts, prompt_ids=(), token_ids=None, logprobs=None):
+    """A stand-in for the pool's ChatResult (only the fields the rollout reads)."""
+    return SimpleNamespace(prompt_token_ids=list(prompt_ids), completions=[
+        SimpleNamespace(text=t, finish_reason="stop" if i % 2 == 0 else "length",
+                        token_ids=token_ids[i] if token_ids else [], logprobs=logprobs[i] if logprobs else None)
+        for i, t in enumerate(texts)])
+
+
+def test_best_worst_pairs_pick_extremes_count_ties_and_break_score_ties_by_order():
+    prompts = [{"id": "p1", "messages": [{"role": "user", "content": "q1"}]},
+               {"id": "p2", "messages": [{"role": "user", "content": "q2"}]},
+               {"id": "p3", "messages": [{"role": "user", "content": "q3"}]}]
+    results = [_result(["a", "b", "c", "d"]), _result(["e", "f"]), _result(["g", "h"])]
+    # p1: samples 1 and 2 share the best score (the earlier one is chosen); p2's gap is under min_gap; p3 is flat.
+    scores = [[0.1, 0.5, 0.5, -0.2], [0.3, 0.32], [1.0, 1.0]]
+    pairs, ties = best_worst_pairs(prompts, results, scores, min_gap=0.05, round_index=3)
+    assert ties == 2 and len(pairs) == 1
+    (p,) = pairs
+    assert p["chosen"] == [{"role": "assistant", "content": "b"}]
+    assert p["rejected"] == [{"role": "assistant", "content": "d"}]
+    assert (p["chosen_score"], p["rejected_score"]) == (0.5, -0.2)
+    assert (p["chosen_finish_reason"], p["rejected_finish_reason"]) == ("length", "length")
+    assert p["prompt"] == prompts[0]["messages"] and p["instruction_id"] == "p1" and p["n_samples"] == 4
+    assert p["source"] == "online_round_3" and p["round"] == 3
+    # The id is stable for a prompt and round, and differs between rounds.
+    again, _ = best_worst_pairs(prompts, results, scores, 0.05, 3)
+    other, _ = best_worst_pairs(prompts, results, scores, 0.05, 4)
+    assert again[0]["id"] == p["id"] != other[0]["id"]
+
+
+def _tiny_lm():
+    """A random two-layer Llama built from a config (no download): a real transformers causal LM."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _token_logprobs(model, prompt, completion):
+    """log p of each completion token, one unpadded sequence at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return [float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(completion)]
+
+
+KL_ITEMS = [([5, 9, 2], [7, 7, 3, 1]), ([4], [8]), ([3, 3, 3, 3, 3], [2, 6]), ([11, 12], [13, 14, 15, 16, 17])]
+
+
+def test_sequence_logprobs_batched_and_padded_equal_one_sequence_at_a_time():
+    model = _tiny_lm()
+    got = sequence_logprobs(model, KL_ITEMS + [([6, 1], [])], batch_size=2)
+    expected = [sum(_token_logprobs(model, p, c)) for p, c in KL_ITEMS]
+    assert got[:-1] == pytest.approx(expected, abs=1e-4) and got[-1] == 0.0
+    assert not model.training
+
+
+def test_kl_estimate_is_the_mean_log_ratio_of_the_sampled_tokens():
+    # The "policy" logprobs are the reference's own plus 0.25 per token: KL per token 0.25, per sample 0.25 x length.
+    model = _tiny_lm()
+    results = [_result(["x"], p, [c], [[lp + 0.25 for lp in _token_logprobs(model, p, c)]]) for p, c in KL_ITEMS]
+    kl = kl_estimate(results, model)
+    lengths = [len(c) for _, c in KL_ITEMS]
+    assert kl["kl_per_token"] == pytest.approx(0.25, abs=1e-4)
+    assert kl["kl"] == pytest.approx(0.25 * sum(lengths) / len(lengths), abs=1e-4)
+    with pytest.raises(ValueError, match="sample with logprobs=True"):
+        kl_estimate([_result(["x"], [1], [[2]])], model)
+    assert all(math.isnan(v) for v in kl_estimate([], model).values())
+
+
+# -- loss terms -----------------------------------------------------------------------------------------------
+
+def test_dpo_loss_formulas_on_hand_computed_values():
+    # beta 0.5; log-ratios chosen [1, 0], rejected [-1, 1]; beta * (chosen - rejected) = [1, -0.5].
+    t = torch.tensor
+    args = (t([-1.0, -2.0]), t([-3.0, -1.0]), t([-2.0, -2.0]), t([-2.0, -2.0]), t([2.0, 4.0]), t([1.0, 2.0]))
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    expected = {
+        "sigmoid": (softplus(-1.0) + softplus(0.5)) / 2,
+        "hinge": (0.0 + 1.5) / 2,
+        # (chosen/len - rejected/len - 1/(2 beta))^2 with lengths [2, 4] and [1, 2]: [0.5^2, (-1.5)^2]
+        "ipo": (0.25 + 2.25) / 2,
+        "sppo_hard": ((1 - 1) ** 2 + (-1 + 1) ** 2 + (0 - 1) ** 2 + (1 + 1) ** 2) / 2,
+        "bco_pair": (2 * softplus(-0.5) + softplus(0.0) + softplus(0.5)) / 2,
+    }
+    for loss_type, value in expected.items():
+        assert float(dpo_loss(loss_type, 0.5, *args)) == pytest.approx(value, rel=1e-6), loss_type
+    with pytest.raises(ValueError, match="is not one of"):
+        dpo_loss("exo_pair", 0.5, *args)
+
 
 @pytest.fixture(scope="module")
 def decomposition_models(embedded_models):
@@ -131,11 +247,7 @@ def decomposition_models(embedded_models):
 def _loss_and_terms(models, pairs, replay, tmp_path, **cfg):
     path, tok, policy, ref = models
     c = OnlineDPOConfig(**cfg)
-    trainer = replay_dpo_trainer_class()(
-        model=policy, ref_model=ref, args=dpo_training_args(c, str(tmp_path), 0),
-        train_dataset=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
-        processing_class=tok, moe_config=c.moe, replay=replay, replay_coef=c.sft_replay_coef,
-        replay_batch_size=c.replay_batch_size, replay_seed=0, dpo_weight=c.dpo_weight, chosen_coef=c.chosen_loss_coef)
+    trainer = make_trainer(policy, ref, tok, pairs, replay, c, 0, str(tmp_path))
     try:
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
         trainer.model.train()
@@ -144,9 +256,10 @@ def _loss_and_terms(models, pairs, replay, tmp_path, **cfg):
         terms = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("loss/")}
         return loss, terms, list(trainer.loss_types), trainer.router_aux_loss_coef
     finally:
-        dpo._unpatch(policy, ref)
+        unpatch_forward(policy, ref)
 
 
+@pytest.mark.slow
 def test_loss_decomposition_each_term_moves_the_loss_and_is_off_at_zero(decomposition_models, docs, tmp_path):
     pairs = preference_records(docs[:4], seed=3)
     replay = tokenize_replay(decomposition_models[1], sft_records(docs[10:30]), 256)
@@ -184,6 +297,41 @@ def test_loss_decomposition_each_term_moves_the_loss_and_is_off_at_zero(decompos
     assert min(w * t["loss/dpo"], alpha * t["loss/chosen_nll"], gamma * replay_term) > 1e-2  # each one matters
 
 
+LOSS_TYPE_BETA = 1.0
+"""A beta at which the loss types are far from their linear range, so each one's value differs from sigmoid's."""
+
+
+@pytest.fixture(scope="module")
+def sigmoid_terms(decomposition_models, docs, tmp_path_factory):
+    pairs = preference_records(docs[:4], seed=3)
+    return _loss_and_terms(decomposition_models, pairs, [], tmp_path_factory.mktemp("sigmoid"), beta=LOSS_TYPE_BETA,
+                           chosen_loss_coef=0.3, sft_replay_coef=0.0)[1]
+
+
+EQUAL_TO_SIGMOID_HERE = {"aot"}
+"""Loss types whose value on the test batch is sigmoid DPO's: "aot" differs from sigmoid only by pairing the
+policy's and the reference's log-ratio differences in rank order, and the slightly perturbed policy ranks the
+four pairs as the reference does."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", [t for t in typing.get_args(DpoLossType) if t != "sigmoid"])
+def test_logged_dpo_term_is_the_configured_loss_type(decomposition_models, sigmoid_terms, docs, tmp_path, loss_type):
+    """TRL trains on ``dpo_loss_type`` and ``loss/dpo`` logs that loss: TRL's own loss of the batch is the sum of
+    the logged terms, and the logged DPO term is not sigmoid DPO's on the same batch (except where the two
+    losses agree on it, ``EQUAL_TO_SIGMOID_HERE``)."""
+    pairs = preference_records(docs[:4], seed=3)
+    alpha = 0.3
+    loss, t, types_, coef = _loss_and_terms(decomposition_models, pairs, [], tmp_path, beta=LOSS_TYPE_BETA,
+                                            dpo_loss_type=loss_type, chosen_loss_coef=alpha, sft_replay_coef=0.0)
+    assert types_ == [loss_type, "sft"]
+    assert loss == pytest.approx(t["loss/dpo"] + alpha * t["loss/chosen_nll"] + coef * t["loss/router_aux"], abs=1e-5)
+    differs = abs(t["loss/dpo"] - sigmoid_terms["loss/dpo"]) > 1e-3
+    assert differs == (loss_type not in EQUAL_TO_SIGMOID_HERE), (t["loss/dpo"], sigmoid_terms["loss/dpo"])
+    # The other terms do not depend on the loss type.
+    assert t["loss/chosen_nll"] == pytest.approx(sigmoid_terms["loss/chosen_nll"], rel=1e-6)
+
+
 # -- the rounds on the real engines ------------------------------------------------------------------------
 
 def _inputs(docs, prompts, cfg, seed):
@@ -194,15 +342,15 @@ def _inputs(docs, prompts, cfg, seed):
 @pytest.fixture(scope="module")
 def two_rounds(tiny_pool, tiny_reward_model, embedded_models, docs, prompts, tmp_path_factory):
     """Two online rounds on the tiny MoE engines; what the tests check about the engines is read right
-    after the run (the resume test below reuses the engines)."""
+    after the run, before the engines get their starting weights back."""
     path = embedded_models["tiny-moe"]
     cfg = OnlineDPOConfig(**LOOP)
     train, held, offline, sft = _inputs(docs, prompts, cfg, seed=7)
     work = tmp_path_factory.mktemp("dpo") / "work"
     syncs = []
-    real_sync = tiny_pool.sync_weights
-    tiny_pool.sync_weights = lambda model: syncs.append(real_sync(model)) or syncs[-1]
-    try:
+    with restored(tiny_pool, path):
+        real_sync = tiny_pool.sync_weights
+        tiny_pool.sync_weights = lambda model: syncs.append(real_sync(model)) or syncs[-1]
         with RewardPool(tiny_reward_model["path"]) as scorer:
             result = online_dpo(path, tiny_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
         # The engines now serve the trained policy: compare their teacher-forced logprobs of fixed texts with
@@ -217,13 +365,11 @@ def two_rounds(tiny_pool, tiny_reward_model, embedded_models, docs, prompts, tmp
             items.append((prompt_ids, tok(text, add_special_tokens=False)["input_ids"]))
         trained = sequence_logprobs(result.policy, items)
         original = sequence_logprobs(_load(path), items)
-    finally:
-        del tiny_pool.sync_weights
-    yield {"result": result, "work": work, "cfg": cfg, "syncs": syncs, "served": served, "trained": trained,
-           "original": original, "inputs": (train, held, offline, sft)}
-    _restore(tiny_pool, path)
+    return {"result": result, "work": work, "cfg": cfg, "syncs": syncs, "served": served, "trained": trained,
+            "original": original, "inputs": (train, held, offline, sft)}
 
 
+@pytest.mark.slow
 def test_rounds_sample_fresh_prompts_pair_and_report_every_figure(two_rounds):
     res, cfg = two_rounds["result"], two_rounds["cfg"]
     assert [m["round"] for m in res.rounds] == [1, 2]
@@ -252,6 +398,7 @@ def test_rounds_sample_fresh_prompts_pair_and_report_every_figure(two_rounds):
     assert kl2 > 10 * max(abs(kl1), 1e-4), (kl1, kl2)
 
 
+@pytest.mark.slow
 def test_pool_serves_the_trained_policy_after_the_in_memory_sync(two_rounds):
     # One sync to the starting policy, then one per round; no engine restarts (the same two engines).
     assert len(two_rounds["syncs"]) == 3 and all(s["workers"] == 2 for s in two_rounds["syncs"])
@@ -261,7 +408,8 @@ def test_pool_serves_the_trained_policy_after_the_in_memory_sync(two_rounds):
         assert abs(s - o) > 10 * abs(s - t) + 0.5, (s, t, o)
 
 
-def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, tiny_pool, tiny_reward_model,
+@pytest.mark.slow
+def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, policy_pool, tiny_reward_model,
                                                            embedded_models, tmp_path, monkeypatch):
     """Kill (an exception) during round 2's training, after its pairs were saved; the rerun loads round 1's
     checkpoint, syncs it, reuses round 2's pairs (no resampling) and ends with the same weights as the
@@ -269,7 +417,7 @@ def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, tiny_poo
     path = embedded_models["tiny-moe"]
     cfg, (train, held, offline, sft) = two_rounds["cfg"], two_rounds["inputs"]
     work = tmp_path / "work"
-    real_train = dpo.train_round
+    real_train = dpo_loop.train_round
     calls = []
 
     def killed_in_round_two(*args, **kwargs):
@@ -278,20 +426,17 @@ def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, tiny_poo
             raise KeyboardInterrupt("killed")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(dpo, "train_round", killed_in_round_two)
+    monkeypatch.setattr(dpo_loop, "train_round", killed_in_round_two)
     with RewardPool(tiny_reward_model["path"]) as scorer:
         with pytest.raises(KeyboardInterrupt):
-            online_dpo(path, tiny_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
+            online_dpo(path, policy_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
         assert (work / "round_001" / "metrics.json").is_file() and (work / "round_001" / "policy").is_dir()
         assert (work / "round_002" / "pairs.jsonl").is_file() and not (work / "round_002" / "metrics.json").exists()
-        monkeypatch.setattr(dpo, "train_round", real_train)
+        monkeypatch.setattr(dpo_loop, "train_round", real_train)
         sampled = []
-        real_sample = dpo.sample
-        monkeypatch.setattr(dpo, "sample", lambda *a, **k: sampled.append(a[5]) or real_sample(*a, **k))
-        try:
-            result = online_dpo(path, tiny_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
-        finally:
-            _restore(tiny_pool, path)
+        real_sample = dpo_rollout.sample
+        monkeypatch.setattr(dpo_rollout, "sample", lambda *a, **k: sampled.append(a[5]) or real_sample(*a, **k))
+        result = online_dpo(path, policy_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
     assert sampled == ["dpo-eval"]  # neither round 1, nor round 2's samples, nor the SFT baseline again
     assert [m["round"] for m in result.rounds] == [1, 2]
     assert "time_sample" not in result.rounds[1] and "time_train" in result.rounds[1]
@@ -336,14 +481,15 @@ def _inputs_stage():
 INPUTS_STAGE = _inputs_stage()
 
 
-def test_reward_and_dpo_stages_through_the_runner(tiny_pool, embedded_models, tmp_path):
+@pytest.mark.slow
+def test_reward_and_dpo_stages_through_the_runner(policy_pool, tmp_path):
     """The reward stage trains on `preferences`; the dpo stage runs on the role's running engines (the
     session's tiny MoE pool, its weights replaced by sft_model's) and records per-round figures."""
     from pipeline.run.artifacts import ArtifactStore
     from pipeline.run.config import load_config
     from pipeline.run.runner import Runner
 
-    pool_yaml = json.dumps(tiny_pool.config.model_dump(mode="json"))
+    pool_yaml = json.dumps(policy_pool.config.model_dump(mode="json"))
     path = tmp_path / "run.yaml"
     path.write_text(textwrap.dedent(f"""\
         run_dir: {tmp_path / 'run'}
@@ -357,10 +503,7 @@ def test_reward_and_dpo_stages_through_the_runner(tiny_pool, embedded_models, tm
           dpo: {{rounds: 2, prompts_per_round: 4, samples_per_prompt: 3, max_tokens: 12, eval_prompts: 4,
                  learning_rate: 0.005, min_reward_gap: 0.0}}
     """))
-    try:
-        Runner(load_config(path), quiet=True, pools=[tiny_pool]).run()
-    finally:
-        _restore(tiny_pool, embedded_models["tiny-moe"])
+    Runner(load_config(path), quiet=True, pools=[policy_pool]).run()
     store = ArtifactStore(tmp_path / "run")
     reward = store.read_manifest("reward")
     assert reward["state"] == "done" and reward["metrics"]["eval_pairs"] >= 5

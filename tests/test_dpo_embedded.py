@@ -5,8 +5,8 @@ stands in for the SFT policy (it is the upcycled SmolLM2-135M-Instruct, which is
 from). The reward model is trained here with TRL's RewardTrainer from SmolLM2-135M-Instruct on preference
 pairs from CPython's docstrings (reward/stdlib_pairs.py), as the embedded default's reward stage does. The
 DPO settings are those of configs/default.yaml (optimizer, batch, learning rate, loss coefficients, one pass
-per round, two scoring threads), with a smaller prompt budget and shorter responses, to fit the suite (5 min
-45 s of this test alone on 2 cores, reward model included). The comparison is paired: the held-out prompts
+per round, two scoring threads), with a smaller prompt budget and shorter responses, to fit the suite (this is
+one of its longest tests, reward model included). The comparison is paired: the held-out prompts
 and request seeds are the same for the SFT policy and for the policy after each round. `python -m benchmarks.dpo` measures the same effect on a larger budget.
 """
 
@@ -22,6 +22,8 @@ from reward.stdlib_pairs import preference_records, prompt_records, sft_records,
 from reward.train import RewardModelConfig, pairwise_accuracy, split_pairs, train_reward_model
 from stages.dpo import online_dpo, prompt_rows, split_prompts
 
+pytestmark = pytest.mark.slow
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
@@ -33,7 +35,7 @@ def docs():
 @pytest.fixture(scope="module")
 def reward_model(docs, tmp_path_factory):
     """SmolLM2-135M-Instruct + scalar head, one epoch on 96 docstring pairs (the embedded reward stage's base;
-    ~2 min here; with 64 pairs its rewards were too flat to move the policy measurably)."""
+    fewer pairs left its rewards too flat to move the policy measurably)."""
     train, held = split_pairs(preference_records(docs[:120], seed=0), 0.2)
     cfg = RewardModelConfig(base_model="smollm2-135m-instruct", learning_rate=2e-5, num_epochs=1, batch_size=8,
                             max_length=192, seed=0)

@@ -18,7 +18,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.run.artifacts import ArtifactStore
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 POSTTRAIN = Path(sys.executable).parent / "posttrain"

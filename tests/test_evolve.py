@@ -92,6 +92,7 @@ def test_select_round_counts_failures_and_duplicates():
     assert reasons == Counter({"harder:duplicate": 1, "expand:empty": 1})
 
 
+@pytest.mark.slow
 def test_evolve_with_the_instruct_model_keeps_lineage(instruct_pool, instructions):
     cfg = EvolveConfig(rounds=2, mix={"clarity": 1, "harder": 1, "expand": 1}, max_tokens=64)
     evolved, metrics = evolve_all(instructions, cfg, instruct_pool, run_seed=0)
@@ -121,6 +122,7 @@ def test_evolve_with_the_instruct_model_keeps_lineage(instruct_pool, instruction
     assert sum(metrics["failed_by_reason"].values()) == metrics["failed"]
 
 
+@pytest.mark.slow
 def test_noise_evolutions_are_eliminated(tiny_pool, instructions):
     cfg = EvolveConfig(rounds=1, max_tokens=24)
     jobs, _ = plan_round(instructions, instructions, cfg, load_taxonomy(), 0, 1)

@@ -127,6 +127,7 @@ def filtered(tmp_path_factory, answers, instruct_pool):
             "graded": store.read_dataset("filter_graded", stage="filter").to_list()}
 
 
+@pytest.mark.slow
 def test_every_response_is_accounted_for_and_defects_are_caught(filtered, answers):
     m = filtered["manifest"]
     assert m["state"] == "done"
@@ -161,6 +162,7 @@ def test_every_response_is_accounted_for_and_defects_are_caught(filtered, answer
     assert metrics["rules"]["truncation"]["rejected"] >= 2 and metrics["rules"]["garbled"]["rejected"] >= 1
 
 
+@pytest.mark.slow
 def test_critique_is_measured_and_outputs_have_the_contracted_form(filtered):
     metrics = filtered["manifest"]["metrics"]
     crit = metrics["critique"]
@@ -188,6 +190,7 @@ def test_critique_is_measured_and_outputs_have_the_contracted_form(filtered):
     assert not any(p["chosen"][0]["content"].startswith(("<", "Ã")) for p in filtered["prefs"])
 
 
+@pytest.mark.slow
 def test_self_consistency_on_real_math_answers(filtered, answers):
     from critique.consistency import ConsistencyConfig, vote
 
@@ -208,6 +211,7 @@ def test_self_consistency_on_real_math_answers(filtered, answers):
     assert all(r["agreement"] is None or r["agreement"] >= 0.5 for r in rows)
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_a_failed_run_resumes_without_regrading(filtered, instruct_pool):
     from pipeline.run.runner import Runner
 

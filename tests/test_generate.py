@@ -119,6 +119,7 @@ def _check_candidates(cands, seeds, cfg):
             assert c["reject_reason"] in REJECT_REASONS + ("truncated",) and not c["instruction"]
 
 
+@pytest.mark.slow
 def test_generate_with_the_instruct_model(instruct_pool, seeds):
     cfg = GenerateConfig(n_per_seed=2, max_tokens=64)
     cands = generate_candidates(seeds, cfg, instruct_pool, run_seed=0)
@@ -140,6 +141,7 @@ def test_generate_with_the_instruct_model(instruct_pool, seeds):
     assert [c["raw"] for c in again] == [c["raw"] for c in cands[: 3 * cfg.n_per_seed]]
 
 
+@pytest.mark.slow
 def test_noise_is_dropped_and_counted(tiny_pool, seeds):
     """The random tiny model writes noise: nearly everything must be dropped, and every drop counted."""
     cfg = GenerateConfig(n_per_seed=3, max_tokens=32)

@@ -1,4 +1,4 @@
-"""MoE training helpers (pipeline/training/moe_train.py): dropout, router aux loss, expert load, expert LRs.
+"""MoE training helpers (pipeline/training/moe.py, moe_trainer.py): dropout, router aux loss, expert load, expert LRs.
 
 Models: the embedded random `tiny-moe` (Qwen2-MoE, our policy's architecture) and tiny random
 HunYuan-MoE-V1 and Mixtral models built here, all on CPU in float32.

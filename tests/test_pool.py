@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoTokenizer
 
 from pipeline.engines.pool import ChatRequest
+
+pytestmark = pytest.mark.slow  # every test runs the session's vLLM engines
 
 
 def _msgs(text):

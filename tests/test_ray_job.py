@@ -24,6 +24,8 @@ from pipeline.run.artifacts import ArtifactStore
 from pipeline.run.config import load_config
 from pipeline.run.runner import RunError, Runner
 
+pytestmark = pytest.mark.slow  # real Ray clusters and killed processes
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

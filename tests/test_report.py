@@ -84,8 +84,8 @@ def test_figures_match_the_run(report, sample_run):
         assert rounds[row["round"]]["reward"] == row["reward_mean"]
         assert rounds[row["round"]]["margin"] == row["reward_margin"]
         assert rounds[row["round"]]["kl"] == row["kl"]
-        assert rounds[row["round"]]["win_rate"] == row["win_rate"]
-        assert rounds[row["round"]]["dpo_accuracy"] == row["dpo_accuracy"]
+        assert rounds[row["round"]]["win_rate"] == row["eval_win_rate"]
+        assert rounds[row["round"]]["dpo_accuracy"] == row["rewards_accuracies"]
     dpo = next(s for s in report.sections if s.key == "dpo_rounds")
     assert dpo.table[0] == ["round", *DPO_FIGURES]
 

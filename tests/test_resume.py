@@ -13,9 +13,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.run.artifacts import ArtifactStore
 from pipeline.run.config import load_config
 from pipeline.run.runner import Runner, status_rows
+
+pytestmark = pytest.mark.slow  # starts real processes and kills them
 
 REPO = Path(__file__).resolve().parent.parent
 POSTTRAIN = Path(sys.executable).parent / "posttrain"

@@ -12,6 +12,7 @@ from reward.score import RewardPool, RewardPoolConfig, RewardScorer, conversatio
 from reward.train import check_reward_model, load_pairs_file, pairwise_accuracy, split_pairs
 
 
+@pytest.mark.slow
 def test_trained_reward_model_ranks_held_out_pairs(tiny_reward_model, ray_session):
     rm = tiny_reward_model
     assert rm["metrics"]["train_steps"] > 0 and rm["metrics"]["train_pairs"] == len(rm["train"])
@@ -68,6 +69,7 @@ def test_held_out_split_is_stable_when_pairs_are_added():
     assert len(split_pairs(pairs[:3], 0.01)[1]) == 1
 
 
+@pytest.mark.slow
 def test_configured_reward_model_is_checked(tiny_reward_model, embedded_models):
     assert check_reward_model(tiny_reward_model["path"]) == tiny_reward_model["path"]
     causal = embedded_models["tiny-moe"]

@@ -203,6 +203,7 @@ def test_empty_input_gives_empty_datasets(tmp_path):
     assert store.read_manifest("tokenize")["outputs"]["tokens"]["records"] == 0
 
 
+@pytest.mark.slow
 def test_model_roles_share_a_pool_and_pools_enter_the_fingerprint(tmp_path, instruct_pool):
     """`ctx.pool(role)` on a real vLLM engine (the session's `instruct_pool`, SmolLM2-135M-Instruct,
     handed to the runner as an already running pool): two roles with identical settings get one pool,

@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from stages.chunking import chunk_prose, split_sections, token_counter
-from stages.seed_sources import SeedSource, SeedSourceError, SkipLog, load_documents
-from stages.seeds import SeedsConfig, build_seeds, seed_id
+from stages.seeds import (
+    SeedsConfig,
+    SeedSource,
+    SeedSourceError,
+    SkipLog,
+    build_seeds,
+    load_documents,
+    seed_id,
+)
+from stages.seeds.chunking import chunk_prose, split_sections, token_counter
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FAQ = Path("/usr/share/doc/xz-utils/faq.txt.gz")

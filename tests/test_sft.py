@@ -1,5 +1,6 @@
-"""SFT stage (stages/sft.py): assistant-only loss, packing, coarse-to-fine phases, resume, LoRA, the
-Ray Train path through the real runner, and a result that vLLM serves.
+"""SFT stage (stages/sft/): assistant-only loss, packing, coarse-to-fine phases, resume, LoRA, the
+Ray Train path through the real runner, and a result that vLLM serves. The SIGKILL of a run inside a phase
+is tests/test_sft_kill.py.
 
 All training uses the embedded random `tiny-moe` (Qwen2-MoE, the policy's architecture) for a few
 steps on SFT records built from CPython's documentation topics (``benchmarks.sft``).
@@ -25,13 +26,15 @@ from stages.sft import (
     STAGE,
     SFTDataError,
     SFTStageConfig,
-    _training_args,
     check_records,
+    lr_windows,
     make_sft_trainer,
     split_heldout,
     train_sft,
     training_chat_template,
 )
+from stages.sft.trainer import training_args
+from stages.sft.worker import last_checkpoint
 
 
 def _multi_turn(records):
@@ -63,7 +66,7 @@ def test_assistant_only_labels_and_template(embedded_models, tmp_path):
                 tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
     tok.chat_template = template
     cfg = SFTStageConfig(model=str(path), max_length=512)
-    args = _training_args(cfg, {"use_gpu": False, "world_size": 1}, tmp_path, False, 1, 0)
+    args = training_args(cfg, {"use_gpu": False, "world_size": 1}, tmp_path, False, 1, 0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = make_sft_trainer(model, tok, records, cfg, args, None)
     ds = trainer.train_dataset
@@ -106,6 +109,25 @@ def test_heldout_split_is_stable_and_disjoint():
     assert len(split_heldout(recs, 0.5, 5, seed=3)[1]) == 5  # capped
 
 
+def test_lr_windows_split_one_schedule_by_work():
+    cfg = SFTStageConfig(learning_rate=2e-5, min_learning_rate=2e-6, lr_scheduler="linear", warmup_ratio=0.1)
+    windows = lr_windows([30.0, 10.0], cfg)  # phase 1 does 3x the work of phase 2
+    assert [(w.start, w.end) for w in windows] == [(0.0, 0.75), (0.75, 1.0)]
+    assert all(w.kind == "linear" and w.warmup_ratio == 0.1 and w.min_lr_rate == pytest.approx(0.1) for w in windows)
+    assert [(w.start, w.end) for w in lr_windows([0.0, 0.0], cfg)] == [(0.0, 0.0), (0.0, 0.0)]
+
+
+def test_resume_skips_a_checkpoint_a_kill_cut_short(tmp_path):
+    """The Trainer writes trainer_state.json last: a newer checkpoint without it was being written when the run
+    was killed, so the resume uses the last complete one (ordered by step, not by name)."""
+    assert last_checkpoint(tmp_path / "missing") is None
+    for step, complete in ((3, True), (12, True), (15, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")
+
+
 def test_packing_packs_rows_and_keeps_assistant_labels(embedded_models, tmp_path):
     path = embedded_models["tiny-moe"]
     tok = AutoTokenizer.from_pretrained(path)
@@ -115,7 +137,7 @@ def test_packing_packs_rows_and_keeps_assistant_labels(embedded_models, tmp_path
     labeled = {}
     for packing in (False, True):
         cfg = SFTStageConfig(model=str(path), max_length=256, packing=packing)
-        args = _training_args(cfg, {"use_gpu": False, "world_size": 1}, tmp_path, False, 1, 0)
+        args = training_args(cfg, {"use_gpu": False, "world_size": 1}, tmp_path, False, 1, 0)
         ds = make_sft_trainer(model, tok, records, cfg, args, None).train_dataset
         labeled[packing] = sum(sum(1 for t in ex["labels"] if t != -100) for ex in ds)
         if packing:
@@ -129,6 +151,7 @@ def _flat(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_coarse_to_fine_phases_resume_and_vllm_serves_the_result(embedded_models, ray_session, tmp_path):
     from pipeline.engines.pool import ChatRequest, PoolConfig, WorkerPool
 
@@ -209,6 +232,7 @@ def test_coarse_to_fine_phases_resume_and_vllm_serves_the_result(embedded_models
     assert resumed["phases"][1]["steps"] == m["phases"][1]["steps"]
 
 
+@pytest.mark.slow
 def test_lora_option_merges_into_a_plain_folder(embedded_models, tmp_path):
     path = embedded_models["tiny-moe"]
     cfg = SFTStageConfig(model=str(path), phases=[{"tiers": [1, 2, 3, 4], "epochs": 1}], learning_rate=1e-2,
@@ -241,6 +265,7 @@ class _SourceConfig(BaseModel):
 SFT_SOURCE = Stage(name="sft_source", inputs=(), outputs=("sft",), config_cls=_SourceConfig, run=_run_docs_sft)
 
 
+@pytest.mark.slow
 def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_models, tmp_path):
     from pipeline.run.config import load_config
     from pipeline.run.runner import run_graph
@@ -279,7 +304,8 @@ def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_mo
     assert metrics["phases"][0]["steps"] == 2 and metrics["phases"][0]["torch_threads"] == 2
     if os.geteuid() == 0:  # allowed to undo Ray's nice 15 for the training worker (distributed.worker_nice: 0)
         assert metrics["phases"][0]["nice"] == 0
-    # the worker trains in a thread: one malloc arena keeps its buffers on the heap (stages.sft._cpu_worker_env)
+    # the worker trains in a thread: one malloc arena keeps its buffers on the heap
+    # (pipeline.training.ray_train.cpu_worker_env)
     assert metrics["phases"][0]["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX", "1")
     check = metrics["phases"][0]["dropout_loss_check"]  # the recipe's dropout (default) is checked on batch 1
     assert check["train_loss"] != check["eval_loss"]
@@ -290,12 +316,28 @@ def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_mo
     assert model.config.architectures == ["Qwen2MoeForCausalLM"]
 
 
+@pytest.mark.slow
+def test_ray_train_job_names_the_workers_error(ray_session, embedded_models, tmp_path):
+    """An error raised in the Ray Train worker (here: a chat template file without generation markers, which only
+    the worker reads) comes back with the worker's exception type and message, not Ray Train's wrapper."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    cfg = SFTStageConfig(model=str(embedded_models["tiny-moe"]), phases=[{"tiers": [1, 2, 3, 4], "epochs": 1}],
+                         max_steps_per_phase=1, max_length=96, heldout_fraction=0.0,
+                         chat_template_path=str(template), distributed={"backend": "ray"})
+    with pytest.raises(RuntimeError, match=r"^sft Ray Train job failed: ValueError: .*plain\.jinja has no "
+                                           r"\{% generation %\} markers"):
+        train_sft(python_doc_sft_records(4, max_chars=200), cfg, tmp_path / "model", tmp_path / "work")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
 def test_dropout_check_flags_dropout_the_model_was_not_trained_with(embedded_models, tmp_path, caplog):
     """The embedded policy was pretrained without dropout: the recipe's hidden dropout 0.2 wrecks its training-mode
     loss, and the stage says so (naming the field); attention dropout alone does not. The RNG stream is untouched."""
     from trl import SFTConfig
 
-    from stages.sft import _dropout_check
+    from stages.sft.measures import dropout_check
 
     path = embedded_models["smollm2-moe"]
     tok = AutoTokenizer.from_pretrained(path)
@@ -313,7 +355,7 @@ def test_dropout_check_flags_dropout_the_model_was_not_trained_with(embedded_mod
         rng, mode = torch.get_rng_state(), trainer.model.training
         with caplog.at_level("WARNING", logger="stages.sft"):
             caplog.clear()
-            checks[hidden] = _dropout_check(trainer, cfg, seed=0)
+            checks[hidden] = dropout_check(trainer, cfg, seed=0)
             warned = [r.getMessage() for r in caplog.records if "hidden_dropout" in r.getMessage()]
         assert torch.equal(torch.get_rng_state(), rng)
         assert trainer.model.training == mode

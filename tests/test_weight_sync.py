@@ -1,8 +1,9 @@
 """In-memory weight sync from transformers into running vLLM engines.
 
-Both sides run float32, so vLLM's logprobs for a fixed completion match transformers' to ~1e-5;
-the bound 1e-2 leaves room for kernel differences (fused MoE, attention) while a perturbation of
-2% of each weight's std moves the logprobs by ~0.1, far beyond it.
+Both sides run float32, so vLLM's logprobs for a fixed completion match transformers' closely; the bound 1e-2
+leaves room for kernel differences (fused MoE, attention) while a perturbation of 2% of each weight's std moves
+the logprobs far beyond it (each test asserts that it does). Tests that start an engine are marked slow; those
+that sync other weights into the shared `tiny_pool` take it through `tiny_sync_pool`, which restores it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.engines.kernel_load import (
+from pipeline.engines.sync import shared_memory
+from pipeline.engines.sync.kernel_load import (
     Slot,
     Unsupported,
     assign_offsets,
@@ -22,8 +24,9 @@ from pipeline.engines.kernel_load import (
     fingerprint_difference,
     load_slots,
 )
-from pipeline.engines.weight_sync import (
-    SharedSegment,
+from pipeline.engines.sync.registry import TRANSPORTS
+from pipeline.engines.sync.shared_memory import SharedSegment
+from pipeline.engines.sync.tensors import (
     checkpoint_format_tensors,
     checkpoint_views,
     pack_tensors,
@@ -79,6 +82,7 @@ def test_export_translates_fused_experts_to_checkpoint_names(embedded_models):
     assert bf16["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_sync_into_running_moe_engine_float32(moe_pool, embedded_models):
     path = embedded_models["smollm2-moe"]
     tok = AutoTokenizer.from_pretrained(path)
@@ -105,7 +109,8 @@ def test_sync_into_running_moe_engine_float32(moe_pool, embedded_models):
     assert _mad(restored, old_hf) <= 1e-2
 
 
-def test_sync_reaches_every_worker(tiny_pool, embedded_models):
+@pytest.mark.slow
+def test_sync_reaches_every_worker(tiny_sync_pool, embedded_models):
     path = embedded_models["tiny-moe"]
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -115,20 +120,19 @@ def test_sync_reaches_every_worker(tiny_pool, embedded_models):
     _perturb(model, scale=0.2)
     new_hf = _hf_logprobs(model, tok, MESSAGES, completion)
     assert _mad(new_hf, old_hf) > 0.05
-    try:
-        tiny_pool.sync_weights(model)
-        per_worker = ray.get([a.completion_logprobs.remote(item) for a in tiny_pool.actors])
-        assert len(per_worker) == 2
-        for lps in per_worker:
-            assert _mad(lps[0], new_hf) <= 1e-2
-            assert _mad(lps[0], old_hf) > 0.05
-    finally:
-        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    tiny_sync_pool.sync_weights(model)
+    per_worker = ray.get([a.completion_logprobs.remote(item) for a in tiny_sync_pool.actors])
+    assert len(per_worker) == 2
+    for lps in per_worker:
+        assert _mad(lps[0], new_hf) <= 1e-2
+        assert _mad(lps[0], old_hf) > 0.05
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("bad", ["missing", "shape"])
-def test_sync_of_mismatched_weights_fails_loudly(tiny_pool, embedded_models, bad):
-    """A model of another shape must not be half-loaded silently."""
+def test_sync_of_mismatched_weights_fails_loudly(tiny_sync_pool, embedded_models, bad, transport):
+    """A model of another shape must not be half-loaded silently, whichever transport syncs it."""
     from transformers import AutoConfig
 
     path = embedded_models["tiny-moe"]
@@ -138,12 +142,12 @@ def test_sync_of_mismatched_weights_fails_loudly(tiny_pool, embedded_models, bad
     else:
         cfg.num_experts = cfg.num_experts - 1
     other = AutoModelForCausalLM.from_config(cfg)
-    before = tiny_pool.completion_logprobs([(MESSAGES, _completion())])[0]
-    with pytest.raises(Exception, match="weight sync refused") as err:
-        tiny_pool.sync_weights(other)
+    before = tiny_sync_pool.completion_logprobs([(MESSAGES, _completion())])[0]
+    with pytest.raises(ValueError, match="weight sync refused") as err:
+        tiny_sync_pool.sync_weights(other, transport=transport)
     assert ("missing" if bad == "missing" else "another shape") in str(err.value)
     # refused before touching the engine: it still serves the same weights
-    assert tiny_pool.completion_logprobs([(MESSAGES, _completion())])[0] == before
+    assert tiny_sync_pool.completion_logprobs([(MESSAGES, _completion())])[0] == before
 
 
 def test_checkpoint_views_are_transformers_export_without_copies(embedded_models):
@@ -218,7 +222,9 @@ def test_first_sync_check_sees_a_tensor_the_loader_did_not_write():
         segment.close()
 
 
-def test_shared_memory_and_object_store_syncs_serve_the_same_model(tiny_pool, embedded_models):
+@pytest.mark.slow
+def test_shared_memory_and_object_store_syncs_serve_the_same_model(tiny_sync_pool, embedded_models):
+    pool = tiny_sync_pool
     path = embedded_models["tiny-moe"]
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -226,38 +232,32 @@ def test_shared_memory_and_object_store_syncs_serve_the_same_model(tiny_pool, em
     old_hf = _hf_logprobs(model, tok, MESSAGES, item[0][1])
     _perturb(model, scale=0.2, seed=1)
     new_hf = _hf_logprobs(model, tok, MESSAGES, item[0][1])
-    try:
-        via_store = tiny_pool.sync_weights(model, transport="object_store")
-        store_lps = ray.get([a.completion_logprobs.remote(item) for a in tiny_pool.actors])
-        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))  # back to old
-        via_shared = tiny_pool.sync_weights(model)
-        shared_lps = ray.get([a.completion_logprobs.remote(item) for a in tiny_pool.actors])
-        assert (via_store["transport"], via_shared["transport"]) == ("object_store", "shared_memory")
-        # the pool's first shared-memory sync compared the engines with vLLM's reload of the same weights
-        assert tiny_pool._shared["verified"] and via_shared["check_mismatch"] is None
-        for store, shared in zip(store_lps, shared_lps, strict=True):
-            assert _mad(shared[0], new_hf) <= 1e-2 and _mad(shared[0], old_hf) > 0.05
-            assert _mad(shared[0], store[0]) <= 1e-6  # the same weights in the same kernels
-    finally:
-        tiny_pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    via_store = pool.sync_weights(model, transport="object_store")
+    store_lps = ray.get([a.completion_logprobs.remote(item) for a in pool.actors])
+    back = pool.sync_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))  # back to old
+    via_shared = pool.sync_weights(model)
+    shared_lps = ray.get([a.completion_logprobs.remote(item) for a in pool.actors])
+    assert [r["transport"] for r in (via_store, back, via_shared)] == ["object_store", "shared_memory", "shared_memory"]
+    # the pool's first shared-memory sync compared the engines with vLLM's reload of the same weights; once only
+    assert back["checked_against_reload"] and back["check_mismatch"] is None
+    assert not via_shared["checked_against_reload"] and via_shared["check_mismatch"] is None
+    for store, shared in zip(store_lps, shared_lps, strict=True):
+        assert _mad(shared[0], new_hf) <= 1e-2 and _mad(shared[0], old_hf) > 0.05
+        assert _mad(shared[0], store[0]) <= 1e-6  # the same weights in the same kernels
 
 
+@pytest.mark.slow
 def test_sync_falls_back_to_the_object_store_where_shared_memory_does_not_apply(
-        tiny_pool, embedded_models, monkeypatch, caplog):
+        tiny_sync_pool, embedded_models, monkeypatch, caplog):
     """When the no-copy export cannot be trusted (as for fused experts it does not know), the sync goes
-    through the object store and the log says why; forcing shared memory then fails loudly."""
-    import pipeline.engines.weight_sync as weight_sync
-
-    monkeypatch.setattr(weight_sync, "views_match_checkpoint_format", lambda model: (None, "names differ (e.g. x)"))
+    through the object store and the log says why; forcing shared memory then fails loudly, naming why."""
     path = embedded_models["tiny-moe"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    saved, tiny_pool._shared = tiny_pool._shared, None  # as a fresh pool
-    try:
-        with caplog.at_level("INFO", logger="pipeline.engines.pool"):
-            result = tiny_pool.sync_weights(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(shared_memory, "views_match_checkpoint_format", lambda model: (None, "names differ (e.g. x)"))
+        with caplog.at_level("INFO", logger="pipeline.engines.sync.shared_memory"):
+            result = tiny_sync_pool.sync_weights(model)
         assert result["transport"] == "object_store" and "names differ" in caplog.text
-        tiny_pool._shared = None
-        with pytest.raises(ValueError, match="names differ"):
-            tiny_pool.sync_weights(model, transport="shared_memory")
-    finally:
-        tiny_pool._shared = saved
+    with pytest.raises(ValueError, match=r"sync_transport=shared_memory does not apply .*names differ"):
+        tiny_sync_pool.sync_weights(model, transport="shared_memory")
+    assert tiny_sync_pool.sync_weights(model)["transport"] == "object_store"  # the pool remembers the fallback

@@ -14,9 +14,9 @@ the routers are random and spread tokens over the experts. Active parameters per
 dense model's; total parameters grow with N.
 
 Router init: plain random rows route most tokens of a layer to one expert, because the inputs of
-an MLP share a large common component (measured on SmolLM2: up to 74% of a layer's tokens on one
-of 8 experts). Given calibration text, each router row is made orthogonal to the layer's mean
-MLP input, which spreads tokens (measured: at most 22% on one expert, all 8 used in every layer).
+an MLP share a large common component. Given calibration text, each router row is made orthogonal
+to the layer's mean MLP input, which spreads tokens over the experts (``tests/test_models.py``
+checks that no expert takes most of a layer's tokens and that half of them at least are used in every layer).
 """
 
 from __future__ import annotations

@@ -205,22 +205,37 @@ def render_card(configs: list[CardConfig], summary: RunSummary, repo_id: str, *,
     """The README.md text: YAML metadata block, then the body. Secrets are redacted from all of it."""
     pretty = f"posttrain synthetic SFT and preference data ({repo_id.split('/')[-1]})"
     meta = card_metadata(configs, summary, pretty)
-    default = next((c.name for c in configs if c.default), configs[0].name if configs else "sft")
-    s = summary
     out = [f"---\n{meta.to_yaml()}\n---", f"# {pretty}", ""]
     out.append(
         "Synthetic instruction data, SFT data with quality tiers and preference pairs (offline and online "
         "DPO rounds), made by a `posttrain` run: the post-training data recipe of "
         "Tencent's Hunyuan-Large (generate instructions from seed corpora, evolve them, answer with "
         "specialized models, filter with rule QC and a critique model, then iterative online DPO).")
-    out += ["", "## Configs", "", _table(
+    out += _configs_section(configs, repo_id)
+    out += _provenance_section(summary)
+    out += _quality_section(summary, score_ranges)
+    out += _sources_section(summary)
+    out += ["", "## Fields", ""]
+    for c in configs:
+        out += [f"### `{c.name}`", "", _table(["field", "type", "meaning"],
+                                              [(f"`{col}`", feature_type(c.features[col]), field_doc(c.name, col))
+                                               for col in c.features]), ""]
+    out += _reproduce_section(summary, repo_id)
+    return redact("\n".join(out), secrets)
+
+
+def _configs_section(configs: list[CardConfig], repo_id: str) -> list[str]:
+    default = next((c.name for c in configs if c.default), configs[0].name if configs else "sft")
+    out = ["", "## Configs", "", _table(
         ["config", "rows", "contents"],
         [(f"`{c.name}`" + (" (default)" if c.default else ""), c.rows, CONFIG_DESCRIPTIONS.get(config_kind(c.name), ""))
          for c in configs])]
-    out += ["", "```python", "from datasets import load_dataset", "",
-            f'ds = load_dataset("{repo_id}", name="{default}", split="train")', "```"]
+    return out + ["", "```python", "from datasets import load_dataset", "",
+                  f'ds = load_dataset("{repo_id}", name="{default}", split="train")', "```"]
 
-    out += ["", "## How the data was made", "", "Records per dataset, in pipeline order:", ""]
+
+def _provenance_section(s: RunSummary) -> list[str]:
+    out = ["", "## How the data was made", "", "Records per dataset, in pipeline order:", ""]
     if s.funnel:
         out.append(_table(["dataset", "stage", "records"], [(f.dataset, f.stage or "-", f.count) for f in s.funnel]))
     else:
@@ -236,8 +251,11 @@ def render_card(configs: list[CardConfig], summary: RunSummary, repo_id: str, *,
                         for reason, n in sorted(drops.items(), key=lambda kv: -kv[1])])]
     if s.online_rounds:
         out += ["", "Online DPO pairs per round:", "", _table(["round", "pairs"], s.online_rounds.items())]
+    return out
 
-    out += ["", "## Domains and quality tiers", ""]
+
+def _quality_section(s: RunSummary, score_ranges: dict[str, tuple[float, float]] | None) -> list[str]:
+    out = ["", "## Domains and quality tiers", ""]
     if s.domains:
         names = sorted(set().union(*[set(c) for c in s.domains.values()]))
         cols = list(s.domains)
@@ -260,8 +278,11 @@ def render_card(configs: list[CardConfig], summary: RunSummary, repo_id: str, *,
                 _table(["operator", "instructions", "in SFT", "yield"],
                        [(op, r["evolved"], r["in_sft"], _pct(r["in_sft"], r["evolved"]))
                         for op, r in s.operators.items()])]
+    return out
 
-    out += ["", "## Seed sources and licences", ""]
+
+def _sources_section(s: RunSummary) -> list[str]:
+    out = ["", "## Seed sources and licences", ""]
     if s.seed_sources:
         shown = s.seed_sources[:40]
         out.append(_table(["kind", "origin", "licence", "records", "tokens"],
@@ -273,21 +294,16 @@ def render_card(configs: list[CardConfig], summary: RunSummary, repo_id: str, *,
                     "to the generated text."]
     else:
         out.append("The run holds no seeds dataset, so the sources are unknown.")
-
     out += ["", "## Models", ""]
     out.append(_table(["role", "model(s)"], [(role, ", ".join(names)) for role, names in s.models.items()])
                if s.models else "No model is named in the run config or the records.")
+    return out
 
-    out += ["", "## Fields", ""]
-    for c in configs:
-        cols = list(c.features)
-        out += [f"### `{c.name}`", "", _table(["field", "type", "meaning"],
-                                              [(f"`{col}`", feature_type(c.features[col]), field_doc(c.name, col))
-                                               for col in cols]), ""]
 
-    out += ["## Pipeline config", "", "The resolved run config (`config.yaml` of the run directory):", "",
-            "```yaml", yaml.safe_dump(redact_config(s.config), sort_keys=False).rstrip() or "{}", "```"]
-    out += ["", "## Reproduce", "", "```bash",
+def _reproduce_section(s: RunSummary, repo_id: str) -> list[str]:
+    return ["## Pipeline config", "", "The resolved run config (`config.yaml` of the run directory):", "",
+            "```yaml", yaml.safe_dump(redact_config(s.config), sort_keys=False).rstrip() or "{}", "```",
+            "", "## Reproduce", "", "```bash",
             "# install posttrain (Python >= 3.11), then save the config above as config.yaml",
             "posttrain run config.yaml",
             f"posttrain publish RUN_DIR --repo-id {repo_id}",
@@ -298,4 +314,3 @@ def render_card(configs: list[CardConfig], summary: RunSummary, repo_id: str, *,
             "All instructions, answers, critiques and scores are model outputs. Tiers and scores come from a "
             "critique model and online pair scores from a learned reward model; both can be wrong. Check the "
             "data before training production models on it.", ""]
-    return redact("\n".join(out), secrets)

@@ -39,7 +39,7 @@ def figure(width: float = 7.5, height: float = 3.6, ncols: int = 1):
     # Figure objects directly (not pyplot): no global state, no GUI backend, safe in threads.
     from matplotlib.figure import Figure
 
-    # "tight" rather than "constrained": as good here and 2-3x cheaper to lay out.
+    # "tight" rather than "constrained": as good for these plots and cheaper to lay out.
     fig = Figure(figsize=(width, height), dpi=100, layout="tight")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     for ax in axes:

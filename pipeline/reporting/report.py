@@ -13,9 +13,8 @@ Where the figures come from (``stages/<stage>/metrics.jsonl`` rows and manifest 
   loss curves; ``expert_load/layer_LL/expert_EE`` (``pipeline.training.moe_trainer.ExpertLoadCallback``) for the
   expert-load heatmap, from the last row that has them.
 - ``reward``: keys containing ``accuracy`` (series and manifest) for the reward model's accuracy.
-- ``dpo``: rows with a ``round``; per round the last value of ``reward_mean``, ``reward_margin``,
-  ``dpo_accuracy``, ``kl`` and ``win_rate`` (aliases in ``DPO_FIGURES``), also read from a manifest
-  ``metrics.rounds`` list of per-round dicts.
+- ``dpo``: rows with a ``round``; per round the last value of each key in ``stages.dpo.metrics.ROUND_FIGURES``
+  (the keys the stage writes), also read from a manifest ``metrics.rounds`` list of per-round dicts.
 """
 
 from __future__ import annotations

@@ -14,17 +14,11 @@ from pipeline.reporting.run_stats import (
     read_manifest,
     read_metrics,
 )
+from stages.dpo.metrics import ROUND, ROUND_FIGURES, ROUNDS
 
-# Per-round DPO figures: name -> (title, exact keys tried in order, substring fallback).
-DPO_FIGURES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "reward": ("mean reward of the policy's samples", ("reward_mean", "mean_reward", "reward/mean",
-                                                        "samples/reward_mean", "reward"), "reward_mean"),
-    "margin": ("chosen - rejected reward margin", ("reward_margin", "margin", "chosen_rejected_margin",
-                                                   "rewards/margins"), "margin"),
-    "dpo_accuracy": ("DPO accuracy", ("dpo_accuracy", "rewards/accuracies", "accuracy"), "accurac"),
-    "kl": ("KL to the reference (estimate)", ("kl", "kl_ref", "kl_to_ref", "kl_estimate"), "kl"),
-    "win_rate": ("win rate vs the SFT policy", ("win_rate", "win_rate_vs_sft"), "win"),
-}
+DPO_FIGURES = tuple(name for name in ROUND_FIGURES if name != "reward_std")
+"""The per-round DPO figures the report plots and tabulates (``reward_std`` draws the reward's error bars)."""
+
 _EXPERT_KEY = re.compile(r"^expert_load/layer_(\d+)/expert_(\d+)$")
 
 
@@ -152,36 +146,23 @@ def plot_reward_accuracy(run_dir: Path) -> Section:
     return sec
 
 
-def _pick(values: dict[str, Any], exact: tuple[str, ...], contains: str) -> float | None:
-    for key in exact:
-        if isinstance(values.get(key), int | float):
-            return float(values[key])
-    for key, value in values.items():
-        if contains in key and isinstance(value, int | float) and not key.endswith(("_std", "/std")):
-            return float(value)
-    return None
-
-
 def dpo_rounds(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Per online-DPO round, the figures of ``DPO_FIGURES`` (the last value logged in each round)."""
+    """Per online-DPO round, the figures of ``stages.dpo.metrics.ROUND_FIGURES`` (the last value logged in each
+    round), read under the keys the stage declares."""
     merged: dict[int, dict[str, Any]] = defaultdict(dict)
     for row in read_metrics(run_dir, "dpo"):
-        r = row.get("round")
+        r = row.get(ROUND)
         if isinstance(r, int | float) and not isinstance(r, bool):
             merged[int(r)].update({k: v for k, v in row.items() if v is not None})
-    rounds = ((read_manifest(run_dir, "dpo") or {}).get("metrics") or {}).get("rounds")
+    rounds = ((read_manifest(run_dir, "dpo") or {}).get("metrics") or {}).get(ROUNDS)
     if isinstance(rounds, list):
         for i, entry in enumerate(rounds, start=1):
             if isinstance(entry, dict):
-                merged[int(entry.get("round", i))].update(entry)
+                merged[int(entry.get(ROUND, i))].update(entry)
     out: dict[int, dict[str, float]] = {}
     for r, values in sorted(merged.items()):
-        figures = {name: v for name, (_, exact, contains) in DPO_FIGURES.items()
-                   if (v := _pick(values, exact, contains)) is not None}
-        std = _pick(values, ("reward_std", "reward/std"), "reward_std")
-        if std is not None:
-            figures["reward_std"] = std
-        out[r] = figures
+        out[r] = {name: float(values[key]) for name, (key, _) in ROUND_FIGURES.items()
+                  if isinstance(values.get(key), int | float) and not isinstance(values.get(key), bool)}
     return out
 
 
@@ -196,7 +177,8 @@ def plot_dpo_rounds(run_dir: Path) -> Section:
         return sec
     fig, axes = figure(13, 3.0, len(DPO_FIGURES))
     rs = list(rounds)
-    for ax, (name, (title, _, _)) in zip(axes, DPO_FIGURES.items(), strict=True):
+    for ax, name in zip(axes, DPO_FIGURES, strict=True):
+        title = ROUND_FIGURES[name][1]
         pts = [(r, rounds[r][name]) for r in rs if name in rounds[r]]
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")

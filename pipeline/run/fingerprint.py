@@ -3,8 +3,8 @@
 A stage's code is every project module it uses, found by following its imports (including imports inside
 functions) from the module of its ``run`` function and its stage package, plus every file its config names
 (prompt templates, the taxonomy, a chat template). Editing any of them makes the stage stale, and the plan
-names the files. Not followed: the framework that runs stages (``pipeline.run``), and ``reporting`` / ``cli``,
-which only read finished runs.
+names the files. Not followed: the framework that runs stages (``pipeline.run``) and the command line
+(``pipeline.cli``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pipeline.templates import REPO_ROOT, TemplateError, resolve_config_file
 
 PROJECT_PACKAGES = ("pipeline", "stages", "critique", "reward")
 """Top-level packages whose modules count as a stage's code when it imports them."""
-NOT_FOLLOWED = ("pipeline.run", "pipeline.reporting", "pipeline.cli")
-"""Modules that run stages or read finished runs: a stage imports the stage contract, but what it computes
+NOT_FOLLOWED = ("pipeline.run", "pipeline.cli")
+"""The framework that runs stages and the command line: a stage imports the stage contract, but what it computes
 does not depend on them."""
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".jinja", ".j2", ".json", ".txt")
 """A string in a stage's config that names an existing file with one of these endings is part of its code."""

@@ -1,19 +1,18 @@
 """Engine side of the shared-memory weight sync: checkpoint tensors -> vLLM's CPU kernels, directly.
 
-vLLM's in-place ``reload_weights`` (the object-store path in ``vllm_worker.py``) rebuilds every layer on
-the side: it allocates each layer again from meta tensors, runs the layer's weight loaders into it,
-re-prepacks the kernel weights and copies the result back. On a CPU engine that machinery costs more
-than the data (``benchmarks/sync_profile.py``: 1.35 s for a 1.65 GB policy, of which 0.45 s is the
-prepacking itself). Here the trainer writes the weights into one shared-memory segment, laid out so
-that every tensor a kernel consumes (qkv, gate_up, the experts' w13/w2) is one contiguous region;
-the engine then hands each region straight to the kernel's own weight processing (oneDNN handle for
-a linear layer, the CPU MoE prepack for experts) and copies the few plain tensors (norms, biases,
-embeddings). One read of the bytes, no allocation of the model a second time.
+vLLM's in-place ``reload_weights`` (the object-store transport) rebuilds every layer on the side: it allocates
+each layer again from meta tensors, runs the layer's weight loaders into it, re-prepacks the kernel weights and
+copies the result back. On a CPU engine that machinery costs more than the data (``benchmarks/sync_profile.py``
+measures where the time goes). Here the trainer writes the weights into one shared-memory segment, laid out so
+that every tensor a kernel consumes (qkv, gate_up, the experts' w13/w2) is one contiguous region; the engine
+then hands each region straight to the kernel's own weight processing (oneDNN handle for a linear layer, the
+CPU MoE prepack for experts) and copies the few plain tensors (norms, biases, embeddings). One read of the
+bytes, no allocation of the model a second time.
 
-A plan covers only layers it understands (vLLM's unquantized linear, embedding and CPU MoE layers,
-plain parameters, tensor parallel size 1); anything else returns a reason and the pool keeps the
-reload path. ``fingerprint`` lets the pool check once that this loader leaves the engine exactly as
-vLLM's reload does for the same weights before it trusts it.
+A plan covers only layers it understands (vLLM's unquantized linear, embedding and CPU MoE layers, plain
+parameters, tensor parallel size 1); anything else returns a reason and the pool keeps the reload path.
+``fingerprint`` lets the pool check once that this loader leaves the engine exactly as vLLM's reload does for
+the same weights before it trusts it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.engines.weight_sync import EXPERT_NAME_CONVENTIONS
+from pipeline.engines.sync.tensors import EXPERT_NAME_CONVENTIONS
 
 ALIGN = 64  # bytes: every region starts on a cache line (oneDNN reads them with vector loads)
 

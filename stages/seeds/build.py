@@ -1,16 +1,5 @@
-"""Stage `seeds`: read the seed corpora, chunk them to a token budget, dedup, give each chunk a stable id.
-
-The embedded default reads only real text that installs with the packages this project already
-needs (nothing hand-written):
-
-- web: CPython's IDLE documentation page (``idlelib/help.html``, the docs.python.org page that
-  ships in the standard library, with its navigation, sidebar and footer still in the HTML);
-- web_qa: no package we install ships web QA pairs, so the closest real one: the XZ Utils FAQ
-  (``/usr/share/doc/xz-utils/faq.txt.gz``, Debian package xz-utils, priority standard), read with the
-  plain-text FAQ reader ('Q:'/'A:' blocks). JSONL/Parquet/`datasets` QA sources use the same path;
-- code: modules of CPython's standard library (``{stdlib}/*.py``);
-- book: CPython's language-reference topics (``pydoc_data.topics``, the text ``help()`` shows).
-"""
+"""Seed records from documents: chunk each source to the token budget, drop exact and near duplicates across
+sources, sample each source's share, give each chunk a stable id."""
 
 from __future__ import annotations
 
@@ -20,50 +9,13 @@ import random
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from pipeline.records import SEED_FIELDS, SOURCE_KINDS
-from pipeline.run.stage import Stage, StageContext
-from stages.chunking import chunk_code, chunk_prose, fit_qa, token_counter
-from stages.seed_sources import Document, SeedSource, SeedSourceError, SkipLog, load_documents
+from stages.seeds.chunking import chunk_code, chunk_prose, fit_qa, token_counter
+from stages.seeds.config import SeedsConfig, SeedSource
+from stages.seeds.files import Document, SeedSourceError, SkipLog
+from stages.seeds.loaders import load_documents
 
 log = logging.getLogger(__name__)
-
-
-
-def default_sources() -> list[SeedSource]:
-    """The embedded default: one real source of each kind (see the module docstring)."""
-    return [
-        SeedSource(kind="web", name="cpython-idle-docs", paths=["{stdlib}/idlelib/help.html"],
-                   license="PSF-2.0", max_chunks=6),
-        SeedSource(kind="web_qa", name="xz-utils-faq", paths=["/usr/share/doc/xz-utils/faq.txt.gz"],
-                   license="public-domain", max_chunks=6),
-        SeedSource(kind="code", name="cpython-stdlib", license="PSF-2.0", max_chunks=6, paths=[
-            "{stdlib}/textwrap.py", "{stdlib}/heapq.py", "{stdlib}/bisect.py", "{stdlib}/statistics.py",
-            "{stdlib}/fractions.py", "{stdlib}/colorsys.py", "{stdlib}/json/*.py", "{stdlib}/shlex.py"]),
-        SeedSource(kind="book", name="cpython-reference-topics", module="pydoc_data.topics:topics",
-                   license="PSF-2.0", max_chunks=6),
-    ]
-
-
-class SeedsConfig(BaseModel):
-    """Seed corpora, chunking and dedup."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    sources: list[SeedSource] = Field(default_factory=default_sources, min_length=1)
-    """Seed corpora (each a web, web_qa, code or book source). Default: real text from CPython and Debian."""
-    tokenizer: str = "smollm2-135m-instruct"
-    """Tokenizer that measures chunks: the embedded name or folder of the model that reads the seeds."""
-    chunk_tokens: int = Field(320, ge=32)
-    """Token budget of one chunk (kept small: the generator's prompt holds the chunk plus instructions)."""
-    min_chunk_tokens: int = Field(24, ge=1)
-    """Chunks shorter than this (stray headings, one-line files) are dropped and counted."""
-    near_dup_threshold: float | None = Field(0.8, gt=0, le=1)
-    """Estimated Jaccard similarity (MinHash over word 3-grams) at which a chunk counts as a near
-    duplicate of an earlier one and is dropped. None: exact duplicates only."""
-    max_seeds: int | None = Field(None, ge=1)
-    """Cap on the total number of seeds (after each source's max_chunks), a seeded sample."""
 
 
 def seed_id(kind: str, text: str) -> str:
@@ -196,14 +148,3 @@ def build_seeds(cfg: SeedsConfig, seed: int = 0) -> tuple[list[dict], dict[str, 
         "skipped_examples": all_skips.examples[:20], "sources": per_source,
     }
     return records, metrics
-
-
-def run(ctx: StageContext) -> None:
-    cfg: SeedsConfig = ctx.config
-    records, metrics = build_seeds(cfg, seed=ctx.seed)
-    ctx.write("seeds", records)
-    ctx.metrics.update(metrics)
-    ctx.log.info("seeds: %d records (%s); skipped %d inputs", len(records), metrics["seeds_by_kind"], metrics["skipped"])
-
-
-STAGE = Stage(name="seeds", inputs=(), outputs=("seeds",), config_cls=SeedsConfig, run=run)

@@ -6,10 +6,10 @@ while checkpoints and vLLM's ``load_weights`` use per-expert names
 ``save_pretrained`` uses) does that translation, so any architecture transformers can save works
 here without a table of our own.
 
-Two transports (``pool.sync_transport``): through Ray's shared-memory object store as raw byte arrays
-(numpy has no bfloat16), which Ray hands to readers without a copy, into vLLM's ``reload_weights``; or,
-for CPU engines on this machine, written once into a ``SharedSegment`` in the layout the engine asked for,
-from which the engine fills its kernels directly (``pipeline/engines/kernel_load.py``).
+Used by every transport (``pipeline/engines/sync/``): ``checkpoint_format_tensors`` exports through
+transformers' own conversion; ``checkpoint_views`` gives the same tensors as views of the model's own (no copy),
+once ``views_match_checkpoint_format`` has checked that the two agree; ``pack_tensors`` turns tensors into raw
+byte arrays (numpy has no bfloat16) that Ray's object store hands to readers without a copy.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def checkpoint_views(model: torch.nn.Module, expert_names: tuple[str, str, str] 
     transformers keeps MoE experts fused in memory (``experts.gate_up_proj`` [E, 2I, H] with the gate
     rows first, ``experts.down_proj`` [E, H, I]); each expert's projection is a slice of those.
     ``expert_names`` are the checkpoint's names for an expert's gate, up and down projections. This is
-    what transformers' ``revert_weight_conversion`` computes for such models, without its per-call
-    cost (~0.1-0.3 s: it compiles its renaming patterns and copies the experts on every call);
-    ``views_match_checkpoint_format`` checks that the two agree before a pool relies on it.
+    what transformers' ``revert_weight_conversion`` computes for such models, without its per-call cost (it
+    compiles its renaming patterns and copies the experts on every call); ``views_match_checkpoint_format``
+    checks that the two agree before a pool relies on it.
     """
     gate, up, down = expert_names
     with _model_state(model) as (_, state):
@@ -116,45 +116,6 @@ def views_match_checkpoint_format(model: torch.nn.Module) -> tuple[tuple[str, st
     return None, reason
 
 
-class SharedSegment:
-    """A shared-memory buffer the trainer writes weights into and every engine on this machine maps.
-
-    An anonymous memory file (``memfd``): it needs no space in /dev/shm, engines open it by
-    ``/proc/<pid>/fd/<fd>``, and the kernel frees it when the trainer and the engines have closed it,
-    even if the trainer dies. It is kept across syncs, so only the first write faults its pages in.
-    """
-
-    def __init__(self, nbytes: int):
-        import os
-
-        self.nbytes = int(nbytes)
-        self.fd = os.memfd_create("posttrain-weights")
-        os.ftruncate(self.fd, self.nbytes)
-        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
-        self.buffer = torch.from_file(self.path, shared=True, size=self.nbytes, dtype=torch.uint8)
-
-    def write(self, named: Iterable[tuple[str, torch.Tensor]], layout: dict[str, tuple[int, tuple[int, ...]]],
-              dtype: torch.dtype) -> int:
-        """Copy (and cast) each tensor into its region; returns the bytes written."""
-        esize = dtype.itemsize
-        written = 0
-        with torch.no_grad():
-            for name, t in named:
-                offset, shape = layout[name]
-                n = t.numel() * esize
-                self.buffer[offset: offset + n].view(dtype).view(shape).copy_(t)
-                written += n
-        return written
-
-    def close(self) -> None:
-        import os
-
-        self.buffer = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def pack_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...], np.ndarray]]:
     """(name, dtype, shape, uint8 array) per tensor: a form Ray's object store shares zero-copy."""
     packed = []
@@ -187,5 +148,11 @@ def unpack_tensors(packed) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def payload_shapes(packed) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a packed (or plain (name, tensor)) payload."""
+    return {item[0]: tuple(item[2]) if len(item) == 4 else tuple(item[1].shape) for item in packed}
+
+
 def payload_bytes(packed) -> int:
+    """Bytes of the tensor data in a packed (or plain (name, tensor)) payload."""
     return int(sum(item[3].nbytes if len(item) == 4 else item[1].numel() * item[1].element_size() for item in packed))

@@ -1,4 +1,4 @@
-"""Fine-tune a critique model on graded examples, through the SFT stage's training path.
+"""Fine-tune a critique model on graded examples, through the SFT stage's training path (``posttrain critic train``).
 
 A graded example is an (instruction, response) pair with its dimension scores, tier and reason:
 an `sft` row of a run whose critic was a stronger model (``messages`` + ``scores`` + ``tier`` +
@@ -6,8 +6,9 @@ an `sft` row of a run whose critic was a stronger model (``messages`` + ``scores
 ``scores``, ``tier``, ``reason``. Each becomes one chat conversation: the critique prompt the
 filter stage sends (``critique_messages``, without few-shot turns by default) and, as the assistant
 turn, the critique in the exact format the parser reads (``format_critique``). Training is
-``stages.sft.train_sft`` (TRL SFTTrainer, assistant-only loss, resumable phases), so the critic
-gets the same trainer, checkpointing and Ray placement as the policy.
+``train_sft`` (TRL SFTTrainer, assistant-only loss, resumable phases), so the critic gets the same
+trainer, checkpointing and Ray placement as the policy. It lives with the SFT stage, not in
+``critique/``: critique/ holds what the filter stage grades with, and may not import stages.
 
 Use the result as the critic: point a model role at the output folder and set
 ``stages.filter.critique.few_shot: false`` (the prompt it was trained on).
@@ -26,6 +27,8 @@ from critique.parse import format_critique
 from critique.prompts import DEFAULT_PROMPTS, critique_messages, load_prompts
 from critique.rubric import DIMENSIONS, MAX_TIER, MIN_TIER
 from pipeline.training.moe_config import MoETrainingConfig
+from stages.sft.config import DistributedSettings, SFTPhase, SFTStageConfig
+from stages.sft.launch import train_sft
 
 
 class CritiqueTrainConfig(BaseModel):
@@ -121,7 +124,6 @@ def train_critique_model(graded: Iterable[dict], cfg: CritiqueTrainConfig, outpu
     from transformers import AutoConfig
 
     from pipeline.models.catalog import resolve_model
-    from stages.sft import DistributedSettings, SFTPhase, SFTStageConfig, train_sft
 
     records = critique_training_records(graded, cfg)
     moe = cfg.moe

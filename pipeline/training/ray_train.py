@@ -1,0 +1,166 @@
+"""Run a training function as a Ray Train job (``TorchTrainer``) and return what its rank 0 returned.
+
+The generic part of a training stage's launch, shared by the trainers that run on Ray Train (SFT; online DPO
+next): how many workers and whether they use GPUs, the resources each reserves, Ray Train's storage path as a
+URI, the CPU worker's runtime environment, the niceness of the worker processes, Ray Train's print patch
+undone, and the worker's own exception dug out of Ray Train's wrapping. The worker function gets the job's
+config dict on every rank; rank 0's return value (JSON) comes back to the caller.
+
+Imports layers 0-1 only (``files``, ``executor``); nothing of ``stages``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.executor import cluster_has_gpus, ensure_ray, root_cause
+from pipeline.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Where a Ray Train job runs and where it keeps its state."""
+
+    name: str
+    """Ray Train run name; also names the job in errors."""
+    work_dir: Path
+    """Folder of rank 0's result file and, unless ``storage_path`` is set, of Ray Train's run state."""
+    workers: int = 1
+    """Training workers (one process each)."""
+    use_gpu: bool = False
+    """Each worker reserves one GPU."""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs each worker reserves."""
+    worker_nice: int | None = 0
+    """Niceness of the worker processes (Ray starts its workers at nice 15); None: keep Ray's."""
+    storage_path: str | None = None
+    """Ray Train's storage: a URI (s3://, gs://...) or a local path; None: ``work_dir / "ray_train"``."""
+    result_file: str = "result.json"
+    """File in ``work_dir`` where rank 0 writes the worker function's return value."""
+
+
+def resolve_scaling(num_workers: int | Literal["auto"], use_gpu: bool | Literal["auto"]) -> tuple[int, bool]:
+    """(workers, use_gpu) for a job, joining or starting Ray. use_gpu auto: when the Ray cluster has GPUs;
+    num_workers auto: one per GPU of the cluster, or 1 without GPUs."""
+    import ray
+
+    ensure_ray()
+    gpu = cluster_has_gpus() if use_gpu == "auto" else bool(use_gpu)
+    if num_workers == "auto":
+        workers = int(ray.cluster_resources().get("GPU", 0)) if gpu else 1
+    else:
+        workers = num_workers
+    return max(1, workers), gpu
+
+
+def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) -> Any:
+    """Run ``worker(config)`` on every worker of a Ray Train job; returns what rank 0's call returned.
+
+    A failure on a worker raises RuntimeError naming the job and the worker's own exception (type and message).
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    result_path = Path(job.work_dir) / job.result_file
+    result_path.unlink(missing_ok=True)
+    nice = job.worker_nice
+
+    def loop(loop_config: dict) -> None:
+        import ray.train
+
+        _undo_print_patch()
+        if nice is not None:
+            renice_threads(nice)
+        out = worker(loop_config)
+        if ray.train.get_context().get_world_rank() == 0:
+            atomic_write_json(result_path, out)
+
+    resources = {"CPU": job.cpus_per_worker}
+    if job.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=storage_uri(job.storage_path, Path(job.work_dir)), name=job.name,
+                             worker_runtime_env={"env_vars": cpu_worker_env(job.use_gpu)}),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train wraps the worker's exception; surface its message
+        cause = worker_exception(exc)
+        raise RuntimeError(f"{job.name} Ray Train job failed: {type(cause).__name__}: {cause}") from exc
+    if result.error is not None:
+        raise RuntimeError(f"{job.name} Ray Train job failed: {result.error}") from result.error
+    if not result_path.exists():
+        raise RuntimeError(f"{job.name} Ray Train job ended without writing {result_path}; see the worker log above")
+    return json.loads(result_path.read_text())
+
+
+def worker_exception(exc: BaseException) -> BaseException:
+    """The exception a worker raised, inside Ray Train's error: the lowest failed rank's (``WorkerGroupError``
+    keeps each rank's exception), or the controller's, followed to the root of its ``raise ... from`` chain."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = failures[min(failures)]
+    elif isinstance(getattr(exc, "controller_failure", None), BaseException):
+        exc = exc.controller_failure
+    return root_cause(exc)
+
+
+def _undo_print_patch() -> None:
+    """Ray Train patches print() into its logger, which also logs what a library prints into a captured stream:
+    dill (behind `datasets` fingerprints) disassembles functions that way, pages of bytecode per run. Plain print
+    still reaches the driver through Ray's log."""
+    try:
+        import builtins
+
+        from ray.train.v2._internal.logging import patch_print
+
+        builtins.print = patch_print._original_print
+    except ImportError:  # another Ray version: at worst, noisy logs
+        pass
+
+
+def renice_threads(nice: int) -> None:
+    """Set the niceness of every thread of this process (Linux keeps it per thread; threads started
+    later inherit it). Lowering it needs CAP_SYS_NICE or a matching RLIMIT_NICE: else left as is."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:  # not permitted, or the thread ended
+            log.debug("ray_train: cannot set niceness %d on thread %d", nice, tid)
+
+
+def cpu_worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of a CPU training worker: one malloc arena (``MALLOC_ARENA_MAX=1``, unless set already).
+
+    Ray Train runs the training function in a thread of the worker process, and glibc gives each thread its own
+    arena: heaps it maps and unmaps as tensors come and go, so the training steps page-fault and zero the same
+    memory again and again, which ``pipeline.memory.large_buffers_on_heap`` cannot change (it tunes the main
+    arena). With one arena the thread allocates from the main heap, as a training on the main thread does. The
+    arena count is read when the process starts, hence the worker's runtime env. The README's Performance
+    section has the measured effect.
+    """
+    if use_gpu:
+        return {}
+    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
+
+
+def storage_uri(configured: str | None, work: Path) -> str:
+    """Ray Train's storage path: a URI (s3://, gs://...) as given, a local path made absolute (Ray requires it)."""
+    if configured and "://" in configured:
+        return configured
+    return str(Path(configured or work / "ray_train").resolve())

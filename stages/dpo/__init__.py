@@ -1,0 +1,142 @@
+"""Stage `dpo`: iterative online DPO with a chosen-response loss and SFT replay (Hunyuan-Large's RLHF).
+
+Rounds r = 1..R. Each round draws a fresh batch of prompts (from `evolved`, never reused unless
+``reuse_prompts``); the current policy, served by this stage's vLLM engines, samples n responses per
+prompt; the reward model (Ray actors) scores them; best vs worst becomes a pair (a gap under
+``min_reward_gap`` is a tie, skipped and counted); the policy trains on the round's pairs mixed with
+offline pairs (`preferences`) and the new weights are pushed into the running engines in memory.
+
+The loss of a step is
+
+    dpo_weight * L_dpo(beta) + alpha * NLL(chosen) + router_aux + gamma * (NLL(SFT replay) + router_aux)
+
+where L_dpo is ``dpo_loss_type`` (sigmoid DPO by default). TRL's DPOTrainer computes the first two
+(``loss_type=[dpo_loss_type, "sft"]``, ``loss_weights=[dpo_weight, alpha]``) and the router aux loss
+(``router_aux_loss_coef``, wired by ``pipeline.training`` as in SFT); the replay term is ours: each step also
+runs the policy on a random batch of `sft` conversations. The reference model is the SFT policy. With
+``ema_decay`` an exponential moving average of the weights is kept (the report's guard against reward
+hacking): it is what the engines serve and what is published, while the raw weights keep training.
+
+Per round (``metrics.jsonl`` with step = round, and the manifest; keys in ``metrics``): reward mean/std of the
+samples, chosen-rejected reward margin, ties, DPO accuracy and margin, each loss term, a KL estimate to the
+reference from the sampled tokens (sum over a sample of log pi(y_t) - log pi_ref(y_t), pi's logprobs from vLLM,
+pi_ref's from a forward of the reference model), and on held-out prompts the mean reward and win rate against
+the SFT policy (same prompts, same request seeds; the reward model judges).
+
+Resume: every round leaves ``work/rounds/round_NNN/`` with its pairs (written before training) and, when it
+finishes, the policy checkpoint and ``metrics.json`` (``state``). A rerun loads the latest finished round's
+policy, syncs it into the engines and goes on with the next round, reusing its pairs if they exist.
+
+Modules: ``config`` (OnlineDPOConfig), ``prompts`` (prompt rows, split, round batches), ``rollout`` (sample,
+score, pairs, KL), ``losses`` (the loss types and the logged loss terms), ``trainer`` (the TRL subclass with SFT
+replay, the CPU LM head, ``train_round``), ``ema``, ``evaluation`` (held-out figures), ``state`` (the work
+folder), ``loop`` (the rounds, resume), ``metrics`` (every key the stage writes); this module wires the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from stages.dpo import metrics as M
+from stages.dpo.config import OnlineDPOConfig
+from stages.dpo.ema import init_ema, swapped_weights
+from stages.dpo.evaluation import held_out_metrics, paired_gain
+from stages.dpo.loop import OnlineDPOResult, online_dpo, save_policy
+from stages.dpo.losses import DpoLossType, dpo_loss
+from stages.dpo.prompts import prompt_rows, round_prompts, split_prompts, stdlib_prompt_rows
+from stages.dpo.rollout import best_worst_pairs, kl_estimate, sample, score_results, sequence_logprobs
+from stages.dpo.state import finished_rounds
+from stages.dpo.trainer import (
+    dpo_training_args,
+    make_trainer,
+    replay_dpo_trainer_class,
+    tokenize_replay,
+    train_round,
+)
+
+__all__ = [
+    "STAGE", "DpoLossType", "OnlineDPOConfig", "OnlineDPOResult", "best_worst_pairs", "dpo_loss",
+    "dpo_training_args", "held_out_metrics", "init_ema", "kl_estimate", "make_trainer", "online_dpo",
+    "paired_gain", "prompt_rows", "replay_dpo_trainer_class", "round_prompts", "run", "same_shapes", "sample",
+    "save_policy", "score_results", "sequence_logprobs", "split_prompts", "stdlib_prompt_rows", "swapped_weights",
+    "tokenize_replay", "train_round",
+]
+
+SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "tie_word_embeddings")
+
+
+def same_shapes(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model folders have the same architecture and parameter shapes (so one's weights load into
+    an engine serving the other)."""
+    ca, cb = (json.loads((Path(p) / "config.json").read_text()) for p in (a, b))
+    return all(ca.get(k) == cb.get(k) for k in SHAPE_KEYS)
+
+
+def manifest_metrics(result: OnlineDPOResult, cfg: OnlineDPOConfig) -> dict:
+    """The stage's manifest metrics: every round's figures (without the per-expert loads), counts, final_*."""
+    last = result.rounds[-1] if result.rounds else {}
+    return {
+        M.ROUNDS: [{k: v for k, v in m.items() if not k.startswith("expert_load")} for m in result.rounds],
+        M.ONLINE_PAIRS: len(result.pairs), M.TIES: sum(m.get(M.TIES, 0) for m in result.rounds),
+        **M.final_metrics(last), M.EMA: cfg.ema_decay is not None,
+    }
+
+
+def run(ctx) -> None:
+    """Stage entry: read the inputs, check the prompt budget, get engines and reward actors, run the rounds,
+    write `dpo_model` and `online_pairs`.
+
+    The policy is served by the engines of ``pool_role`` (already running when earlier stages used them) with
+    the SFT weights synced in, when the role's model has the SFT model's shapes; otherwise by engines of this
+    stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained weights.
+    """
+    from pipeline.engines.pool import WorkerPool
+    from pipeline.models.catalog import resolve_model
+    from reward.score import RewardPool
+
+    cfg: OnlineDPOConfig = ctx.config
+    sft_path = ctx.input_path("sft_model")
+    reward_path = ctx.input_path("reward_model")
+    prompts = prompt_rows(ctx.read("evolved").to_list()) + stdlib_prompt_rows(cfg.stdlib_prompts)
+    train_p, eval_p = split_prompts(prompts, cfg, ctx.seed)
+    offline = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in ctx.read("preferences").to_list()]
+    sft_rows = ctx.read("sft").to_list() if cfg.sft_replay_coef > 0 else []
+    role_cfg = ctx.run_config.models[cfg.pool_role]
+    work = Path(ctx.work_dir) / "rounds"
+    bar = ctx.progress(cfg.rounds, "dpo rounds")
+    bar.advance(finished_rounds(work))
+    with contextlib.ExitStack() as stack:
+        if same_shapes(resolve_model(role_cfg.model), sft_path):
+            pool = ctx.pool(cfg.pool_role)
+        else:
+            ctx.log.info("dpo: role %s serves %s, whose shapes differ from sft_model; starting engines for "
+                         "sft_model", cfg.pool_role, role_cfg.model)
+            ctx.ensure_ray()
+            pool = stack.enter_context(WorkerPool(role_cfg.model_copy(update={"model": str(sft_path)})))
+        ctx.used_ray = True
+        scorer = stack.enter_context(RewardPool(reward_path, cfg.reward))
+        try:
+            result = online_dpo(sft_path, pool, scorer, train_p, eval_p, offline, sft_rows, cfg, work,
+                                seed=ctx.seed, log_metrics=lambda m, r: ctx.log_metrics(m, step=r),
+                                on_round=lambda r, m: bar.advance(1))
+        finally:
+            bar.close()
+            ctx.release_pools()  # their engines now hold trained weights, not their role's model
+    save_policy(result, sft_path, ctx.output_path("dpo_model"))
+    ctx.write("online_pairs", result.pairs)
+    ctx.metrics.update(manifest_metrics(result, cfg))
+
+
+def _make_stage():
+    from pipeline.run.stage import Stage
+
+    return Stage(name="dpo", inputs=("sft_model", "reward_model", "sft", "preferences", "evolved"),
+                 outputs=("dpo_model", "online_pairs"), config_cls=OnlineDPOConfig, run=run)
+
+
+STAGE = _make_stage()

@@ -1,0 +1,159 @@
+"""A round's rollout: sample the policy on the engines, score the samples with the reward model, make the
+best-vs-worst pairs, and estimate the KL to the reference from the sampled tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections.abc import Sequence
+
+from pipeline.run.stage import record_seed
+from reward.score import conversation
+from stages.dpo import metrics as M
+from stages.dpo.config import OnlineDPOConfig
+
+EVAL_SALT = "dpo-eval"
+"""Request-seed salt of the held-out samples: the same for the SFT baseline and every round (paired)."""
+
+
+def round_salt(round_index: int) -> str:
+    """Request-seed salt of a round's training samples."""
+    return f"dpo-round-{round_index}"
+
+
+def sample(pool, prompts: Sequence[dict], n: int, cfg: OnlineDPOConfig, seed: int, salt: str,
+           logprobs: bool = False) -> list:
+    """n samples per prompt from the pool; each request's seed comes from the run seed, the prompt id and salt."""
+    from pipeline.engines.pool import ChatRequest
+
+    return pool.generate([
+        ChatRequest(messages=p["messages"], n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                    max_tokens=cfg.max_tokens, seed=record_seed(seed, p["id"], salt), logprobs=logprobs)
+        for p in prompts])
+
+
+def score_results(scorer, prompts: Sequence[dict], results: Sequence) -> list[list[float]]:
+    """Reward of every sample, shaped like the results (one list per prompt)."""
+    convs = [conversation(p["messages"], c.text) for p, r in zip(prompts, results, strict=True) for c in r.completions]
+    flat = scorer.score(convs)
+    out, i = [], 0
+    for r in results:
+        out.append(flat[i:i + len(r.completions)])
+        i += len(r.completions)
+    return out
+
+
+def best_worst_pairs(prompts: Sequence[dict], results: Sequence, scores: Sequence[Sequence[float]],
+                     min_gap: float, round_index: int) -> tuple[list[dict], int]:
+    """One pair per prompt (best vs worst sample; the earlier sample wins a tie in score); prompts whose gap is
+    under ``min_gap`` are ties (counted)."""
+    pairs, ties = [], 0
+    for p, r, s in zip(prompts, results, scores, strict=True):
+        best = max(range(len(s)), key=lambda j: (s[j], -j))
+        worst = min(range(len(s)), key=lambda j: (s[j], j))
+        if s[best] - s[worst] < min_gap or best == worst:
+            ties += 1
+            continue
+        pairs.append({
+            "id": hashlib.sha1(f"{p['id']}:online:{round_index}".encode()).hexdigest()[:16],
+            "prompt": p["messages"],
+            "chosen": [{"role": "assistant", "content": r.completions[best].text}],
+            "rejected": [{"role": "assistant", "content": r.completions[worst].text}],
+            "source": f"online_round_{round_index}",
+            "chosen_score": float(s[best]), "rejected_score": float(s[worst]),
+            "instruction_id": p["id"], "round": round_index, "n_samples": len(s),
+            "chosen_finish_reason": r.completions[best].finish_reason,
+            "rejected_finish_reason": r.completions[worst].finish_reason,
+        })
+    return pairs, ties
+
+
+def sequence_logprobs(model, items: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 4) -> list[float]:
+    """Sum of log p(completion token) under ``model`` for each (prompt_ids, completion_ids), teacher forced
+    (batched by length, right-padded; the tensors are made on the model's device)."""
+    import torch
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    out = [0.0] * len(items)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            seqs = [list(items[i][0]) + list(items[i][1]) for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for row, s in enumerate(seqs):
+                ids[row, :len(s)] = torch.tensor(s, device=device)
+                mask[row, :len(s)] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            for row, i in enumerate(idx):
+                p_len, c_len = len(items[i][0]), len(items[i][1])
+                if c_len == 0:
+                    continue
+                lp = torch.log_softmax(logits[row, p_len - 1:p_len - 1 + c_len], dim=-1)
+                tok = torch.tensor(list(items[i][1]), device=device)
+                out[i] = float(lp.gather(-1, tok[:, None]).sum())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def kl_from_logprobs(policy_lp: Sequence[float], ref_lp: Sequence[float], tokens: int) -> dict[str, float]:
+    """KL per sample and per token from each sample's summed log-probabilities under the policy and the
+    reference (``tokens``: sampled tokens in all)."""
+    if not policy_lp:
+        return {M.KL: float("nan"), M.KL_PER_TOKEN: float("nan")}
+    diffs = [p - q for p, q in zip(policy_lp, ref_lp, strict=True)]
+    return {M.KL: sum(diffs) / len(diffs), M.KL_PER_TOKEN: sum(diffs) / max(1, tokens)}
+
+
+def kl_estimate(results: Sequence, ref_model) -> dict[str, float]:
+    """KL(policy || reference) estimated on the policy's own samples: mean over samples of
+    sum_t [log pi(y_t) - log pi_ref(y_t)] (pi's logprobs as vLLM sampled them, pi_ref by a forward pass)."""
+    items, policy_lp, tokens = [], [], 0
+    for r in results:
+        for c in r.completions:
+            if c.logprobs is None:
+                raise ValueError("samples carry no logprobs; sample with logprobs=True to estimate the KL")
+            items.append((r.prompt_token_ids, c.token_ids))
+            policy_lp.append(sum(c.logprobs))
+            tokens += len(c.token_ids)
+    return kl_from_logprobs(policy_lp, sequence_logprobs(ref_model, items) if items else [], tokens)
+
+
+def rollout_round(pool, scorer, ref_model, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
+                  round_index: int, clock: M.PhaseClock) -> tuple[list[dict], dict]:
+    """Sample, score and pair the round's prompts: (pairs, the round's sampling figures including the KL)."""
+    with clock("sample"):
+        results = sample(pool, prompts, cfg.samples_per_prompt, cfg, seed, round_salt(round_index), logprobs=True)
+    with clock("score"):
+        scores = score_results(scorer, prompts, results)
+    with clock("kl"):
+        kl = kl_estimate(results, ref_model)
+    pairs, ties = best_worst_pairs(prompts, results, scores, cfg.min_reward_gap, round_index)
+    flat = [s for row in scores for s in row]
+    stats = {
+        M.PROMPTS: len(prompts), M.SAMPLES: len(flat), M.TIES: ties,
+        M.SAMPLE_TOKENS: sum(len(c.token_ids) for res in results for c in res.completions),
+        M.REWARD_MEAN: statistics.fmean(flat), M.REWARD_STD: statistics.pstdev(flat),
+        M.REWARD_MARGIN: statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in pairs)
+        if pairs else float("nan"),
+        **kl,
+    }
+    return pairs, stats
+
+
+def held_out_rewards(pool, scorer, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
+                     clock: M.PhaseClock | None = None) -> list[float]:
+    """Rewards of ``cfg.eval_samples`` samples per held-out prompt, flat and prompt-major (same request seeds
+    every time they are drawn)."""
+    clock = clock or M.PhaseClock()
+    with clock("eval_sample"):
+        results = sample(pool, prompts, cfg.eval_samples, cfg, seed, EVAL_SALT)
+    with clock("eval_score"):
+        return [s for row in score_results(scorer, prompts, results) for s in row]
