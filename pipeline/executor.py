@@ -25,6 +25,56 @@ raised."""
 
 
 # -- starting Ray -----------------------------------------------------------------------------------------
+WORKER_LOG_DIR = "POSTTRAIN_WORKER_LOG_DIR"
+"""Environment variable naming the folder where the Ray workers the project starts (vLLM engines, reward actors,
+training workers) write their output, one file per worker (a run sets ``RUN_DIR/logs/workers``). Unset: the output
+goes where Ray sends it (the driver's console)."""
+
+
+@contextlib.contextmanager
+def worker_logs_in(folder: str | os.PathLike | None):
+    """Inside the block, workers started by the project write their output under ``folder`` (see
+    ``WORKER_LOG_DIR``); None leaves the setting as it is."""
+    if folder is None:
+        yield
+        return
+    saved = os.environ.get(WORKER_LOG_DIR)
+    os.makedirs(folder, exist_ok=True)
+    os.environ[WORKER_LOG_DIR] = os.fspath(os.path.abspath(folder))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(WORKER_LOG_DIR, None)
+        else:
+            os.environ[WORKER_LOG_DIR] = saved
+
+
+def worker_log_env() -> dict[str, str]:
+    """``WORKER_LOG_DIR`` for a Ray worker's ``runtime_env`` env_vars (empty when the driver sets none)."""
+    folder = os.environ.get(WORKER_LOG_DIR)
+    return {WORKER_LOG_DIR: folder} if folder else {}
+
+
+def log_worker_output(name: str) -> str | None:
+    """In a Ray worker: send this process's stdout and stderr to ``<WORKER_LOG_DIR>/<name>-<pid>.log`` when that
+    folder is set; returns the file. File descriptors 1 and 2 are redirected, so what C++ code and child
+    processes (vLLM's engine core) print goes there too."""
+    import sys
+
+    folder = os.environ.get(WORKER_LOG_DIR)
+    if not folder:
+        return None
+    path = os.path.join(folder, f"{name}-{os.getpid()}.log")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return path
+
+
 
 def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS``, or start an embedded local Ray on loopback.
@@ -43,8 +93,10 @@ def ensure_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
-             configure_logging=False)
+    # With the workers' output in files, what Ray would still forward is its own actors' chatter (Ray Train's
+    # controller, placement-group cleaners): it stays in Ray's session logs.
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             log_to_driver=not os.environ.get(WORKER_LOG_DIR), configure_logging=False)
 
 
 def cluster_has_gpus() -> bool:

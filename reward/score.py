@@ -104,6 +104,9 @@ class _ScorerActor:
     """Wrapped with ray.remote by RewardPool."""
 
     def __init__(self, model_path: str, batch_size: int, max_length: int, num_threads: int):
+        from pipeline.executor import log_worker_output
+
+        log_worker_output("reward-scorer")
         self.scorer = RewardScorer(model_path, batch_size=batch_size, max_length=max_length, num_threads=num_threads)
 
     def score(self, convs: list[Conversation]) -> list[float]:
@@ -119,7 +122,7 @@ class RewardPool:
     def __init__(self, model_path: str | os.PathLike, config: RewardPoolConfig | None = None):
         import ray
 
-        from pipeline.executor import ensure_ray
+        from pipeline.executor import ensure_ray, worker_log_env
         from pipeline.models.catalog import ModelError, resolve_model
 
         self.config = cfg = config or RewardPoolConfig()
@@ -128,7 +131,8 @@ class RewardPool:
         threads = cfg.num_threads or max(1, int(cfg.num_cpus_per_worker))
         actor_cls = ray.remote(_ScorerActor).options(
             num_cpus=cfg.num_cpus_per_worker,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}})
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
+                                      **worker_log_env()}})
         self.actors = [actor_cls.remote(self.model_path, cfg.batch_size, cfg.max_length, threads)
                        for _ in range(cfg.num_workers)]
         try:

@@ -16,6 +16,8 @@ import inspect
 import random
 import re
 
+from pipeline.records import source_item
+
 MODULES = (
     "json", "os.path", "re", "string", "textwrap", "itertools", "functools", "collections", "shutil",
     "statistics", "heapq", "bisect", "difflib", "fnmatch", "glob", "base64", "copy", "pprint", "inspect",
@@ -63,6 +65,11 @@ def _id(*parts: str) -> str:
     return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
+def item(name: str) -> str:
+    """The source item (``pipeline.records.source_item``) of every record about function ``name``."""
+    return source_item({"seed_id": _id("seed", name)})
+
+
 def question(name: str) -> str:
     return f"What does the Python function `{name}` do?"
 
@@ -77,21 +84,25 @@ def prompt_records(names: list[str]) -> list[dict]:
 def sft_records(docs: list[tuple[str, str]]) -> list[dict]:
     """`sft`-style rows: the docstring paragraph answers the question."""
     return [{"id": _id("sft", n), "messages": [{"role": "user", "content": question(n)},
-                                               {"role": "assistant", "content": text}], "tier": 4}
+                                               {"role": "assistant", "content": text}], "tier": 4,
+             "seed_id": _id("seed", n)}
             for n, text in docs]
 
 
 def preference_records(docs: list[tuple[str, str]], seed: int = 0, truncated_share: float = 0.5) -> list[dict]:
     """TRL conversational pairs: chosen = the function's paragraph; rejected = another function's
-    paragraph, or (a ``truncated_share`` of the pairs) the chosen one cut to its first few words."""
+    paragraph, or (a ``truncated_share`` of the pairs) the chosen one cut to its first few words. ``seed_id`` is
+    the function's item, ``rejected_seed_id`` the other function's (None for a truncated rejection)."""
     rng = random.Random(seed)
     out = []
     for i, (name, text) in enumerate(docs):
+        other = None
         if rng.random() < truncated_share:
             words = text.split()
             bad, kind = " ".join(words[: max(2, min(6, len(words) // 4))]), "truncated"
         else:
             j = rng.randrange(len(docs) - 1)
+            other = docs[j + (j >= i)][0]
             bad, kind = docs[j + (j >= i)][1], "other_function"
         out.append({
             "id": _id("pair", name, kind),
@@ -99,5 +110,8 @@ def preference_records(docs: list[tuple[str, str]], seed: int = 0, truncated_sha
             "chosen": [{"role": "assistant", "content": text}],
             "rejected": [{"role": "assistant", "content": bad}],
             "source": "critique", "chosen_score": 1.0, "rejected_score": 0.0, "rejected_kind": kind,
+            "seed_id": _id("seed", name),
+            # the rejected text is another function's docstring: that function's item is used by the pair too
+            "rejected_seed_id": _id("seed", other) if other else None,
         })
     return out

@@ -24,6 +24,11 @@ from reward.score import RewardPoolConfig
 
 log = logging.getLogger(__name__)
 
+TRAINING_ITEMS = "posttrain_training_items.json"
+"""File the reward stage writes in the reward model folder: {"items": source items of the training pairs
+(``pipeline.records.pair_items``), "known": false for a pretrained model whose training data the run does not
+know}. The DPO stage keeps its prompts apart from these items."""
+
 
 class RewardModelConfig(BaseModel):
     """Reward model: train one from preference pairs, or use an existing one."""
@@ -140,6 +145,19 @@ def pairwise_accuracy(score: Callable[[list[list[dict]]], list[float]], pairs: S
     wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
     margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
     return {"accuracy": wins / len(pairs), "margin": margin, "pairs": len(pairs)}
+
+
+def trivially_separable(pair: dict) -> str | None:
+    """Why a pair can be told apart without judging meaning, or None: "empty" (the rejected response is blank) or
+    "prefix" (it is the chosen response cut short). A reward model that learns only these learns "complete and
+    not cut off"; the reward stage reports its accuracy without them."""
+    chosen = " ".join(m["content"] for m in pair["chosen"]).split()
+    rejected = " ".join(m["content"] for m in pair["rejected"]).split()
+    if not rejected:
+        return "empty"
+    if len(rejected) < len(chosen) and chosen[:len(rejected)] == rejected:
+        return "prefix"
+    return None
 
 
 def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, output_dir: str | os.PathLike,

@@ -2,7 +2,7 @@
 
 The work is ``pipeline.reporting.report.write_report`` (also ``posttrain report RUN_DIR``); this module only
 places it in the stage graph. It declares the final datasets as inputs so that it runs after the
-online DPO stage, and reruns whenever they change.
+online DPO stage (and after the eval stage when that is enabled), and reruns whenever they change.
 """
 
 from __future__ import annotations
@@ -34,4 +34,4 @@ def run(ctx: StageContext) -> None:
 
 
 STAGE = Stage(name="report", inputs=("sft", "preferences", "online_pairs"), outputs=("report",),
-              config_cls=ReportConfig, run=run)
+              config_cls=ReportConfig, run=run, optional_inputs=("eval_results",))

@@ -24,7 +24,7 @@ DOMAINS = ("programming", "documentation", "reasoning")
 CRITERIA = ("accuracy", "relevance", "completeness", "usefulness", "clarity")
 OPERATORS = ("clarity", "expand", "harder")
 MODELS = {"policy": "smollm2-moe", "instruct": "smollm2-135m-instruct"}
-STAGES = ("seeds", "generate", "evolve", "answer", "filter", "sft", "reward", "dpo")
+STAGES = ("seeds", "generate", "evolve", "answer", "filter", "sft", "reward", "dpo", "eval")
 
 
 def _id(*parts: str) -> str:
@@ -208,11 +208,29 @@ def build_sample_run(run_dir: Path, *, n_topics: int = 12, model_dir: Path | Non
     dpo_series = [{"round": r, "reward_mean": round(0.2 * r + rng.uniform(0, 0.1), 4),
                    "reward_std": round(0.5 + rng.uniform(0, 0.1), 4), "reward_margin": round(1.0 + 0.3 * r, 4),
                    "rewards_accuracies": round(0.6 + 0.1 * r, 4), "kl": round(0.01 * r, 5),
-                   "eval_win_rate": round(0.5 + 0.08 * r, 4), "pairs_online": 5, "ties": 1} for r in (1, 2)]
+                   "eval_win_rate": round(0.5 + 0.08 * r, 4), "pairs_online": 5, "ties": 1,
+                   "eval_reward_gain": round(0.3 * r, 4), "eval_reward_gain_se": 0.1,
+                   "eval_reward_gain_untruncated": round(0.25 * r, 4), "eval_reward_gain_untruncated_se": 0.12,
+                   "eval_untruncated_pairs": 20 + r, "eval_reward_gain_length_adjusted": round(0.1 * r, 4),
+                   "eval_reward_per_token": 0.01, "eval_tokens_mean": 50.0 - 5 * r, "eval_sft_tokens_mean": 55.0,
+                   "eval_truncated": 0.5 - 0.1 * r, "eval_sft_truncated": 0.5, "eval_judge_gain": round(0.05 * r, 4),
+                   "eval_judge_gain_se": 0.2, "eval_judge_win_rate": 0.55, "eval_judge_pairs": 40}
+                  for r in (1, 2)]
     if model_dir is not None:
         shutil.copytree(model_dir, run_dir / "models" / "dpo_model")
     write_stage(run_dir, "dpo", seconds=600.0, series=dpo_series, metrics={"rounds": 2},
                 inputs=["sft_model", "reward_model", "sft", "preferences", "evolved"],
                 outputs=["online_pairs", *(["dpo_model"] if model_dir is not None else [])],
                 pools={"policy": MODELS["policy"]})
+    # The eval stage's manifest keys (stages/eval/metrics.py), spelled out like the dpo ones.
+    eval_metrics = {"benchmark": "ifeval", "prompts": 24, "confidence": 0.95}
+    for k, model in enumerate(("start", "sft", "final")):
+        eval_metrics.update({f"{model}_prompt_strict": 0.1 + 0.05 * k, f"{model}_prompt_loose": 0.15 + 0.05 * k,
+                             f"{model}_instruction_strict": 0.2 + 0.05 * k, f"{model}_instruction_loose": 0.25 + 0.05 * k,
+                             f"{model}_truncated_fraction": 0.4 - 0.1 * k, f"{model}_mean_tokens": 150.0 - 10 * k})
+    for comparison, k in (("sft_vs_start", 1), ("final_vs_start", 2)):
+        for acc in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+            base = f"{comparison}_{acc}_gain"
+            eval_metrics.update({base: 0.05 * k, f"{base}_ci_low": 0.05 * k - 0.1, f"{base}_ci_high": 0.05 * k + 0.1})
+    write_stage(run_dir, "eval", seconds=300.0, metrics=eval_metrics, inputs=["sft_model", "dpo_model"])
     return run_dir

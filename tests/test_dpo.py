@@ -22,6 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from pipeline.records import check_disjoint
 from reward.score import RewardPool
 from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
 from stages import dpo
@@ -40,6 +41,7 @@ from stages.dpo import (
 )
 from stages.dpo import loop as dpo_loop
 from stages.dpo import rollout as dpo_rollout
+from stages.dpo.evaluation import held_out_metrics, length_adjusted_gain
 from stages.dpo.trainer import unpatch_forward
 
 # Small enough for the test budget; a learning rate that moves a random tiny model in a few steps.
@@ -85,9 +87,10 @@ def policy_pool(tiny_pool, embedded_models):
 def test_prompt_budget_is_checked_before_any_work(prompts):
     cfg = OnlineDPOConfig(rounds=3, prompts_per_round=100, eval_prompts=20)
     with pytest.raises(ValueError, match=r"dpo needs 300 fresh prompts \(rounds=3 x prompts_per_round=100\) but "
-                                         r"evolved has \d+ distinct instructions.*set dpo.reuse_prompts: true"):
+                                         r"has \d+ training prompts.*set dpo.reuse_prompts: true"):
         split_prompts(prompts, cfg, seed=0)
-    train, held = split_prompts(prompts, cfg.model_copy(update={"reuse_prompts": True}), seed=0)
+    split = split_prompts(prompts, cfg.model_copy(update={"reuse_prompts": True}), seed=0)
+    train, held = split.train, split.held_out
     assert len(held) == 20 and not {p["id"] for p in held} & {p["id"] for p in train}
     # Rounds take consecutive, disjoint batches; with reuse they wrap around.
     r1, r2 = dpo.round_prompts(train, 1, 100), dpo.round_prompts(train, 2, 100)
@@ -116,13 +119,40 @@ def test_held_out_figures_are_split_by_prompt_source():
     prompts = [{"id": "e1", "source": "evolved"}, {"id": "s1", "source": "stdlib"}, {"id": "e2", "source": "evolved"}]
     base = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     new = [0.0, 0.0, 2.0, 2.0, 0.0, 0.0]
-    m = dpo.held_out_metrics(prompts, new, base, samples_per_prompt=2)
+    m = dpo.held_out_metrics(prompts, {"rewards": new}, {"rewards": base}, samples_per_prompt=2)
     assert m["eval_reward_gain"] == pytest.approx(1 / 3)
     assert m["eval_reward_gain_stdlib"] == pytest.approx(2.0) and m["eval_win_rate_stdlib"] == 1.0
     assert m["eval_reward_gain_evolved"] == pytest.approx(-0.5) and m["eval_win_rate_evolved"] == 0.25
     assert m["eval_prompts_stdlib"] == 1 and m["eval_prompts_evolved"] == 2
     # One source: no per-source keys.
-    assert set(dpo.held_out_metrics(prompts[:1], new[:2], base[:2], 2)) == set(dpo.paired_gain(new[:2], base[:2], 2))
+    assert set(dpo.held_out_metrics(prompts[:1], {"rewards": new[:2]}, {"rewards": base[:2]}, 2)) == set(
+        dpo.paired_gain(new[:2], base[:2], 2))
+
+
+def test_held_out_confounders_length_truncation_and_the_second_judge():
+    # Two prompts x 2 samples. The policy's samples are 10 tokens longer and score 1.0 more: the whole gain is
+    # explained by length (reward per token 0.1, gain at equal length 0). One pair has a truncated side.
+    prompts = [{"id": "a"}, {"id": "b"}]
+    sft = {"rewards": [0.0, 1.0, 2.0, 0.5], "tokens": [10, 20, 30, 5], "finish_reasons": ["stop", "stop", "length", "stop"],
+           "grades": [2.0, 3.0, None, 1.0]}
+    pol = {"rewards": [1.0, 2.0, 3.0, 1.5], "tokens": [20, 30, 40, 15], "finish_reasons": ["stop", "length", "stop", "stop"],
+           "grades": [3.0, 3.0, 4.0, 4.0]}
+    m = held_out_metrics(prompts, pol, sft, samples_per_prompt=2)
+    assert m["eval_reward_gain"] == pytest.approx(1.0) and m["eval_win_rate"] == 1.0
+    assert m["eval_tokens_mean"] == pytest.approx(26.25) and m["eval_sft_tokens_mean"] == pytest.approx(16.25)
+    assert m["eval_truncated"] == 0.25 and m["eval_sft_truncated"] == 0.25
+    assert m["eval_untruncated_pairs"] == 2 and m["eval_reward_gain_untruncated"] == pytest.approx(1.0)
+    # Every pair differs by 10 tokens: no spread, so the slope is undefined and the gain is the mean difference.
+    assert m["eval_reward_gain_length_adjusted"] == pytest.approx(1.0) and math.isnan(m["eval_reward_per_token"])
+    # The judge graded 3 pairs on both sides: +1, 0, +3.
+    assert m["eval_judge_pairs"] == 3 and m["eval_judge_gain"] == pytest.approx(4 / 3)
+    assert m["eval_judge_win_rate"] == pytest.approx(2.5 / 3)
+    # Rewards that follow length exactly (0.1 per token): the gain at equal length is 0.
+    gain, slope = length_adjusted_gain([1.0, 2.0, -0.5, 0.0], [10, 20, -5, 0])
+    assert gain == pytest.approx(0.0, abs=1e-12) and slope == pytest.approx(0.1)
+    # A baseline written before lengths were recorded (rewards only): the reward figures alone.
+    old = held_out_metrics(prompts, pol, {"rewards": sft["rewards"]}, samples_per_prompt=2)
+    assert "eval_reward_gain" in old and "eval_tokens_mean" not in old and "eval_judge_gain" not in old
 
 
 def test_stdlib_prompts_are_the_functions_the_reward_stage_does_not_use():
@@ -133,6 +163,26 @@ def test_stdlib_prompts_are_the_functions_the_reward_stage_does_not_use():
     assert {r["source"] for r in rows} == {"stdlib"} and dpo.stdlib_prompt_rows(0) == []
     with pytest.raises(ValueError, match=r"dpo.stdlib_prompts=100000 .* fix: set dpo.stdlib_prompts <= "):
         dpo.stdlib_prompt_rows(100_000)
+
+
+def test_split_keeps_source_items_apart():
+    """Prompts of one seed are one item: they go to training or to the held-out set together; items the reward
+    model trained on are dropped; items the policy trains on in the rounds (offline pairs, SFT replay) are never
+    held out."""
+    evolved = [{"id": f"i{k}", "instruction": f"instruction {k}", "seed_id": f"s{k // 2}"} for k in range(40)]
+    rows = prompt_rows(evolved)
+    assert rows[0]["item"] == rows[1]["item"] == "seed:s0" != rows[2]["item"]
+    cfg = OnlineDPOConfig(rounds=2, prompts_per_round=4, eval_prompts=6)
+    split = split_prompts(rows, cfg, 7, reward_items={"seed:s0", "seed:s1"}, trained_items={"seed:s2", "seed:s3"})
+    train_items, held_items = {p["item"] for p in split.train}, {p["item"] for p in split.held_out}
+    assert split.excluded == 4 and len(split.train) + len(split.held_out) == 36
+    assert len(split.held_out) == 6 and len(held_items) == 3  # three whole seeds of two prompts each
+    assert not held_items & train_items and not held_items & {"seed:s2", "seed:s3"}
+    assert {"seed:s2", "seed:s3"} <= train_items and not train_items & {"seed:s0", "seed:s1"}
+    # Without seed ids every instruction is its own item.
+    assert prompt_rows([{"id": "x", "instruction": "y"}])[0]["item"] == "id:x"
+    with pytest.raises(ValueError, match="reward model and held-out share 1 source item"):
+        check_disjoint({"reward model": {"seed:a", "seed:b"}, "held-out": {"seed:b"}})
 
 
 # -- pairing and KL ----------------------------------------------------------------------------------------
@@ -335,8 +385,8 @@ def test_logged_dpo_term_is_the_configured_loss_type(decomposition_models, sigmo
 # -- the rounds on the real engines ------------------------------------------------------------------------
 
 def _inputs(docs, prompts, cfg, seed):
-    train, held = split_prompts(prompts, cfg, seed)
-    return train, held, preference_records(docs[:60], seed=1), sft_records(docs[:60])
+    split = split_prompts(prompts, cfg, seed)
+    return split.train, split.held_out, preference_records(docs[:60], seed=1), sft_records(docs[:60])
 
 
 @pytest.fixture(scope="module")

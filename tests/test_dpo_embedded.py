@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.records import pair_items, source_item
 from pipeline.run.config import load_config
 from reward.score import RewardPool, RewardScorer
-from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
+from reward.stdlib_pairs import item, preference_records, prompt_records, sft_records, stdlib_docs
 from reward.train import RewardModelConfig, pairwise_accuracy, split_pairs, train_reward_model
 from stages.dpo import online_dpo, prompt_rows, split_prompts
 
@@ -41,21 +42,28 @@ def reward_model(docs, tmp_path_factory):
                             max_length=192, seed=0)
     path = tmp_path_factory.mktemp("embedded-reward") / "reward_model"
     train_reward_model(train, cfg, path)
-    return path, held
+    return path, train, held
 
 
 def test_two_rounds_raise_held_out_reward_over_the_sft_policy(moe_pool, embedded_models, reward_model, docs,
                                                                tmp_path):
-    rm_path, rm_held = reward_model
+    rm_path, rm_train, rm_held = reward_model
     # The judge must be better than chance, else "reward raised" means nothing.
     assert pairwise_accuracy(RewardScorer(rm_path).score, rm_held)["accuracy"] > 0.7
 
     # One pass over each round's 8 online + 4 offline pairs; everything else as configured in configs/default.yaml.
     cfg = load_config(DEFAULT_CONFIG).stages.dpo.model_copy(update={
         "rounds": 2, "prompts_per_round": 8, "max_tokens": 40, "eval_prompts": 12, "eval_samples": 4})
-    prompts = prompt_rows(prompt_records([n for n, _ in docs]))
-    train, held = split_prompts(prompts, cfg, seed=0)
+    # Disjoint by function: the reward model trained on pairs about docs[:120] (their rejected texts are
+    # docstrings of the same 120), the offline pairs and SFT replay rows are about docs[120:160], and the split
+    # keeps its training and held-out prompts apart from both (and from each other).
+    rm_items = {i for p in rm_train for i in pair_items(p)}
     offline, sft = preference_records(docs[120:160], seed=1), sft_records(docs[120:160])
+    trained = {i for p in offline for i in pair_items(p)} | {source_item(r) for r in sft}
+    split = split_prompts(prompt_rows(prompt_records([n for n, _ in docs])), cfg, 0, rm_items, trained)
+    train, held = split.train, split.held_out
+    assert len(held) == cfg.eval_prompts and split.excluded == len(rm_items & {item(n) for n, _ in docs})
+    assert not {p["item"] for p in held} & (rm_items | trained | {p["item"] for p in train})
     policy_path = embedded_models["smollm2-moe"]
     try:
         with RewardPool(rm_path, cfg.reward) as scorer:

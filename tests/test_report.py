@@ -26,7 +26,7 @@ from pipeline.run.artifacts import ArtifactStore
 from tests.sample_run import build_sample_run
 
 PLOTS = ("funnel", "domains_tiers", "critique_scores", "response_lengths", "operators", "sft_loss",
-         "expert_load", "reward_accuracy", "dpo_rounds")
+         "expert_load", "reward_accuracy", "dpo_rounds", "dpo_held_out", "eval")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,14 @@ def test_figures_match_the_run(report, sample_run):
         assert rounds[row["round"]]["dpo_accuracy"] == row["rewards_accuracies"]
     dpo = next(s for s in report.sections if s.key == "dpo_rounds")
     assert dpo.table[0] == ["round", *DPO_FIGURES]
+    held = next(s for s in report.sections if s.key == "dpo_held_out")
+    assert [row[0] for row in held.table[1:]] == [1, 2]
+    assert held.table[2][held.table[0].index("gain at equal length")] == "0.2"
+    assert held.table[2][held.table[0].index("judge gain")] == "0.1"
+    ev = next(s for s in report.sections if s.key == "eval")
+    assert [row[0] for row in ev.table[1:]] == ["start", "sft", "final"]
+    assert ev.table[3][-1] == "0.1 (0 to 0.2)"  # final vs start, prompt-level loose, with its interval
+    assert any(line.startswith("eval final: ") for line in report.summary_lines)
 
     sft_rows = read_metrics(sample_run, "sft")
     xs = _global_steps(sft_rows)  # phase 1 restarts its step count: it is drawn after phase 0

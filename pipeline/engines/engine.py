@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.executor import root_cause
+from pipeline.executor import log_worker_output, root_cause, worker_log_env
 from pipeline.models.catalog import ModelError, model_architecture
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def engine_settings(cfg: PoolConfig, device: str, dtype: str) -> tuple[dict[str,
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.tensor_parallel_size == 1 else "1",
            "TOKENIZERS_PARALLELISM": "false",
            # vLLM's INFO lines drown the pipeline's progress bars; VLLM_LOGGING_LEVEL=INFO brings them back
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), **worker_log_env()}
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
         threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
@@ -58,6 +58,7 @@ class EngineActor:
     def __init__(self, model_path: str, engine_args: dict, index: int):
         self.index = index
         self.model_path = model_path
+        self.log_file = log_worker_output(f"engine-{Path(model_path).name}-{index}")
         try:
             import vllm
             from vllm import LLM, ModelRegistry

@@ -283,6 +283,19 @@ def model_architecture(path: Path) -> str:
         ) from exc
 
 
+SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "tie_word_embeddings")
+"""config.json keys that decide whether one model's weights load into an engine serving another."""
+
+
+def same_shapes(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model folders have the same architecture and parameter shapes (so one's weights load into
+    an engine serving the other)."""
+    ca, cb = (json.loads((Path(p) / "config.json").read_text()) for p in (a, b))
+    return all(ca.get(k) == cb.get(k) for k in SHAPE_KEYS)
+
+
 def list_models() -> list[dict]:
     """Embedded models with their state in the cache."""
     rows = []

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.reporting.eval_plots import plot_dpo_held_out, plot_eval
 from pipeline.reporting.plots import (
     Section,
     plot_critique_scores,
@@ -164,6 +165,16 @@ def summary_lines(s: RunSummary, sections: list[Section], path: Path) -> list[st
         head, last = dpo.table[0], dpo.table[-1]
         lines.append(f"online DPO: {len(dpo.table) - 1} round(s); round {last[0]}: "
                      + ", ".join(f"{h} {v}" for h, v in zip(head[1:], last[1:], strict=True)))
+    held = by_key.get("dpo_held_out")
+    if held is not None and held.table:
+        head, last = held.table[0], held.table[-1]
+        lines.append(f"DPO held-out, round {last[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(head[1:], last[1:],
+                                                                                               strict=True)))
+    ev = by_key.get("eval")
+    if ev is not None and ev.table:
+        for row in ev.table[1:]:
+            lines.append(f"eval {row[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(ev.table[0][1:], row[1:],
+                                                                                  strict=True)))
     empty = [sec.title for sec in sections if sec.png is None]
     lines.append(f"report: {path} ({len(sections) - len(empty)} plots"
                  + (f"; no data yet for: {', '.join(empty)}" if empty else "") + ")")
@@ -189,6 +200,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
         plot_expert_load(run_dir),
         plot_reward_accuracy(run_dir),
         plot_dpo_rounds(run_dir),
+        plot_dpo_held_out(run_dir),
+        plot_eval(run_dir),
     ]
     sft_rows = next((f.count for f in s.funnel if f.dataset == "sft"), 0)
     pairs = sum(f.count for f in s.funnel if f.dataset in ("preferences", "online_pairs"))

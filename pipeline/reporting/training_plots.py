@@ -146,9 +146,9 @@ def plot_reward_accuracy(run_dir: Path) -> Section:
     return sec
 
 
-def dpo_rounds(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Per online-DPO round, the figures of ``stages.dpo.metrics.ROUND_FIGURES`` (the last value logged in each
-    round), read under the keys the stage declares."""
+def dpo_round_values(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Everything the dpo stage recorded per round (``metrics.jsonl`` rows, then the manifest's ``rounds``), the
+    last value of each key."""
     merged: dict[int, dict[str, Any]] = defaultdict(dict)
     for row in read_metrics(run_dir, "dpo"):
         r = row.get(ROUND)
@@ -159,8 +159,14 @@ def dpo_rounds(run_dir: Path) -> dict[int, dict[str, float]]:
         for i, entry in enumerate(rounds, start=1):
             if isinstance(entry, dict):
                 merged[int(entry.get(ROUND, i))].update(entry)
+    return dict(sorted(merged.items()))
+
+
+def dpo_rounds(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per online-DPO round, the figures of ``stages.dpo.metrics.ROUND_FIGURES`` (the last value logged in each
+    round), read under the keys the stage declares."""
     out: dict[int, dict[str, float]] = {}
-    for r, values in sorted(merged.items()):
+    for r, values in dpo_round_values(run_dir).items():
         out[r] = {name: float(values[key]) for name, (key, _) in ROUND_FIGURES.items()
                   if isinstance(values.get(key), int | float) and not isinstance(values.get(key), bool)}
     return out

@@ -16,7 +16,7 @@ def order_stages(stages: dict[str, Stage]) -> list[str]:
                 raise RunError(f"stages {made_by[out]!r} and {st.name!r} both write {out!r}; "
                                "fix: enable only one of them in graph")
             made_by[out] = st.name
-    deps = {n: {made_by[i] for i in st.inputs if i in made_by} for n, st in stages.items()}
+    deps = {n: {made_by[i] for i in st.reads if i in made_by} for n, st in stages.items()}
     order: list[str] = []
     remaining = list(stages)
     while remaining:
@@ -41,7 +41,7 @@ def dependents(store: ArtifactStore, stages: dict[str, Stage], name: str) -> lis
     for n, m in store.manifests().items():
         edges[n] = (set(m.get("declared_inputs", [])), set(m.get("declared_outputs", [])))
     for n, st in stages.items():
-        edges[n] = (set(st.inputs), set(st.outputs))
+        edges[n] = (set(st.reads), set(st.outputs))
     found: list[str] = []
     frontier = set(edges.get(name, (set(), set()))[1])
     while frontier:
@@ -54,7 +54,6 @@ def dependents(store: ArtifactStore, stages: dict[str, Stage], name: str) -> lis
     return found
 
 
-
 def upstream(stages: dict[str, Stage], name: str) -> set[str]:
     """Enabled stages whose outputs ``name`` reads, directly or transitively."""
     made_by = producers(stages)
@@ -62,7 +61,7 @@ def upstream(stages: dict[str, Stage], name: str) -> set[str]:
     frontier = [name]
     while frontier:
         n = frontier.pop()
-        for i in stages[n].inputs:
+        for i in stages[n].reads:
             p = made_by.get(i)
             if p and p not in seen:
                 seen.add(p)

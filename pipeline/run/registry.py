@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.run.stage import Stage
 
 DEFAULT_GRAPH: tuple[str, ...] = ("seeds", "generate", "evolve", "answer", "filter", "sft", "reward", "dpo",
-                                  "report")
+                                  "eval", "report")
 DEFAULT_STAGES: dict[str, str] = {name: f"stages.{name}:STAGE" for name in DEFAULT_GRAPH}
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.executor import worker_logs_in
 from pipeline.files import atomic_write_text, fingerprint
 from pipeline.run.artifacts import ArtifactStore, library_versions
 from pipeline.run.checks import check_inputs, check_model_folders, disk_sources
@@ -137,7 +138,9 @@ class Runner:
         # used; for an interrupted one the roles predicted when it started (not the ones it had
         # reached when killed: that would change the fingerprint and lose its finished shards).
         roles = sorted((old.fingerprint_parts if old else {}).get("pools", {}))
-        parts = self._parts(name, {i: out_fps.get(i) for i in st.inputs}, roles)
+        made_by = producers(self.stages)
+        optional = {i: out_fps.get(i) for i in st.optional_inputs if i in made_by}
+        parts = self._parts(name, {**{i: out_fps.get(i) for i in st.inputs}, **optional}, roles)
         fp = fingerprint(parts)
         if force:
             return PlanItem(name, "run", "forced (--force)", fp, parts)
@@ -190,7 +193,9 @@ class Runner:
         if only is not None and only not in self.stages:
             raise RunError(f"stage {only!r} is not enabled in this config (graph: {', '.join(self.order)})")
         root = Path(self.cfg.run_dir)
-        with _run_dir_lock(root), logging_to(root, self.mode) as console:
+        # vLLM engines, reward actors and training workers write their output to RUN_DIR/logs/workers/ (one file
+        # per worker), not to the console
+        with _run_dir_lock(root), logging_to(root, self.mode) as console, worker_logs_in(root / "logs" / "workers"):
             reporter = ProgressReporter(self.mode, console=console)
             t0 = time.perf_counter()
             log.info("run %s: %s", root, " -> ".join(self._names(only)))
@@ -241,9 +246,9 @@ class Runner:
         return StageManifest(
             stage=name, state="running", fingerprint=item.fingerprint, fingerprint_parts=item.parts,
             reason=item.reason, config=self.cfg.stage_config(name).model_dump(mode="json"),
-            declared_inputs=list(st.inputs), declared_outputs=list(st.outputs),
+            declared_inputs=list(st.reads), declared_outputs=list(st.outputs),
             inputs={i: {"fingerprint": item.parts["inputs"].get(i),
-                        "stage": made_by.get(i) or disk.get(i, {}).get("stage")} for i in st.inputs},
+                        "stage": made_by.get(i) or disk.get(i, {}).get("stage")} for i in item.parts["inputs"]},
             maps=old.maps, metrics=old.metrics, pools_used=old.pools_used, attempts=old.attempts + 1,
             started_at=_now(), previous_duration_s=float(old.elapsed_s or 0.0) + float(old.previous_duration_s or 0.0),
             pid=os.getpid(), host=socket.gethostname(), versions=library_versions())

@@ -50,6 +50,8 @@ class _RoleMarker:
 ModelRole = Annotated[str, _RoleMarker()]
 """Type for a stage config field that names a model role (e.g. ``model: ModelRole = "policy"``):
 the run config is rejected before any work when the role is not defined under ``models:``."""
+OptionalModelRole = Annotated[str | None, _RoleMarker()]
+"""``ModelRole`` that may be None (the feature it serves is off)."""
 
 
 def _is_role(annotation_metadata) -> bool:
@@ -93,21 +95,31 @@ class Stage:
     version: str = "1"
     """Bump when the stage's behaviour changes through code outside its own module (its module's
     source is already part of the fingerprint), so cached outputs are recomputed."""
+    optional_inputs: tuple[str, ...] = ()
+    """Artifacts the stage reads when an enabled stage writes them (e.g. the report reads the eval stage's results):
+    then the stage runs after that one and its fingerprint covers them; when no enabled stage writes them they are
+    not required."""
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """``inputs`` and ``optional_inputs``: everything the stage may read."""
+        return (*self.inputs, *self.optional_inputs)
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience; tuples keep the object hashable and immutable.
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "optional_inputs", tuple(self.optional_inputs))
         if not _NAME.match(self.name or ""):
             raise ValueError(f"Stage name {self.name!r} must be an identifier (letters, digits, _)")
-        for kind, names in (("inputs", self.inputs), ("outputs", self.outputs)):
+        for kind, names in (("inputs", self.reads), ("outputs", self.outputs)):
             for n in names:
                 if not isinstance(n, str) or not _NAME.match(n):
                     raise ValueError(f"stage {self.name}: {kind} entry {n!r} must be an identifier")
             if len(set(names)) != len(names):
                 raise ValueError(f"stage {self.name}: {kind} has duplicates: {list(names)}")
-        if set(self.inputs) & set(self.outputs):
-            raise ValueError(f"stage {self.name}: {sorted(set(self.inputs) & set(self.outputs))} "
+        if set(self.reads) & set(self.outputs):
+            raise ValueError(f"stage {self.name}: {sorted(set(self.reads) & set(self.outputs))} "
                              "are both inputs and outputs")
         if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, BaseModel)):
             raise ValueError(f"stage {self.name}: config_cls must be a pydantic BaseModel subclass")
@@ -180,10 +192,10 @@ class StageContext:
 
     # -- inputs ---------------------------------------------------------------------------------
     def _check_input(self, name: str) -> None:
-        if name not in self.stage.inputs and name not in self.written:
+        if name not in self.stage.reads and name not in self.written:
             raise StageError(
                 f"stage {self.name} reads {name!r}, which is not among its declared inputs "
-                f"{list(self.stage.inputs)}; fix: add it to the Stage's inputs")
+                f"{list(self.stage.reads)}; fix: add it to the Stage's inputs")
 
     def read(self, name: str) -> datasets.Dataset:
         """An upstream output dataset (or one this stage already wrote) as a ``datasets.Dataset``."""
@@ -202,7 +214,7 @@ class StageContext:
         if kind != "intermediate" and name not in self.stage.outputs:
             raise StageError(f"stage {self.name} writes {name!r}, which is not among its declared outputs "
                              f"{list(self.stage.outputs)}; fix: add it to the Stage's outputs")
-        if name in self.stage.inputs:
+        if name in self.stage.reads:
             raise StageError(f"stage {self.name}: {name!r} is one of its inputs and cannot be written")
         self.written[name] = kind
 

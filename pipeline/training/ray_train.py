@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.executor import cluster_has_gpus, ensure_ray, root_cause
+from pipeline.executor import cluster_has_gpus, ensure_ray, log_worker_output, root_cause, worker_log_env
 from pipeline.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) ->
         import ray.train
 
         _undo_print_patch()
+        log_worker_output(f"{job.name}-rank{ray.train.get_context().get_world_rank()}")
         if nice is not None:
             renice_threads(nice)
         out = worker(loop_config)
@@ -91,7 +92,7 @@ def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) ->
         loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=storage_uri(job.storage_path, Path(job.work_dir)), name=job.name,
-                             worker_runtime_env={"env_vars": cpu_worker_env(job.use_gpu)}),
+                             worker_runtime_env={"env_vars": {**cpu_worker_env(job.use_gpu), **worker_log_env()}}),
     )
     try:
         result = trainer.fit()

@@ -36,14 +36,14 @@ folder), ``loop`` (the rounds, resume), ``metrics`` (every key the stage writes)
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from pathlib import Path
 
+from pipeline.records import pair_items, source_item
 from stages.dpo import metrics as M
 from stages.dpo.config import OnlineDPOConfig
 from stages.dpo.ema import init_ema, swapped_weights
 from stages.dpo.evaluation import held_out_metrics, paired_gain
+from stages.dpo.judge import critic_judge
 from stages.dpo.loop import OnlineDPOResult, online_dpo, save_policy
 from stages.dpo.losses import DpoLossType, dpo_loss
 from stages.dpo.prompts import prompt_rows, round_prompts, split_prompts, stdlib_prompt_rows
@@ -60,21 +60,24 @@ from stages.dpo.trainer import (
 __all__ = [
     "STAGE", "DpoLossType", "OnlineDPOConfig", "OnlineDPOResult", "best_worst_pairs", "dpo_loss",
     "dpo_training_args", "held_out_metrics", "init_ema", "kl_estimate", "make_trainer", "online_dpo",
-    "paired_gain", "prompt_rows", "replay_dpo_trainer_class", "round_prompts", "run", "same_shapes", "sample",
+    "paired_gain", "prompt_rows", "replay_dpo_trainer_class", "round_prompts", "run", "sample",
     "save_policy", "score_results", "sequence_logprobs", "split_prompts", "stdlib_prompt_rows", "swapped_weights",
     "tokenize_replay", "train_round",
 ]
 
-SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
-              "moe_intermediate_size", "shared_expert_intermediate_size", "tie_word_embeddings")
+def reward_training_items(reward_path, log) -> set[str]:
+    """Source items the reward model trained on, from the file the reward stage writes next to it (none known for
+    a pretrained model or one written by an earlier version: then the split cannot keep apart from them)."""
+    import json
 
+    from reward.train import TRAINING_ITEMS
 
-def same_shapes(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two model folders have the same architecture and parameter shapes (so one's weights load into
-    an engine serving the other)."""
-    ca, cb = (json.loads((Path(p) / "config.json").read_text()) for p in (a, b))
-    return all(ca.get(k) == cb.get(k) for k in SHAPE_KEYS)
+    path = Path(reward_path) / TRAINING_ITEMS
+    data = json.loads(path.read_text()) if path.is_file() else {"items": [], "known": False}
+    if not data.get("known"):
+        log.warning("dpo: the reward model's training items are unknown (%s has no %s): held-out prompts cannot "
+                    "be kept apart from its training data", reward_path, TRAINING_ITEMS)
+    return set(data["items"])
 
 
 def manifest_metrics(result: OnlineDPOResult, cfg: OnlineDPOConfig) -> dict:
@@ -96,16 +99,24 @@ def run(ctx) -> None:
     stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained weights.
     """
     from pipeline.engines.pool import WorkerPool
-    from pipeline.models.catalog import resolve_model
+    from pipeline.models.catalog import resolve_model, same_shapes
     from reward.score import RewardPool
 
     cfg: OnlineDPOConfig = ctx.config
     sft_path = ctx.input_path("sft_model")
     reward_path = ctx.input_path("reward_model")
     prompts = prompt_rows(ctx.read("evolved").to_list()) + stdlib_prompt_rows(cfg.stdlib_prompts)
-    train_p, eval_p = split_prompts(prompts, cfg, ctx.seed)
-    offline = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in ctx.read("preferences").to_list()]
+    preferences = ctx.read("preferences").to_list()
+    offline = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in preferences]
     sft_rows = ctx.read("sft").to_list() if cfg.sft_replay_coef > 0 else []
+    trained = {i for p in preferences for i in pair_items(p)} | {source_item(r) for r in sft_rows}
+    split = split_prompts(prompts, cfg, ctx.seed, reward_training_items(reward_path, ctx.log), trained)
+    train_p, eval_p = split.train, split.held_out
+    ctx.metrics.update({M.PROMPTS_EXCLUDED: split.excluded, M.PROMPTS_TRAIN: len(train_p),
+                        M.PROMPTS_HELD_OUT: len(eval_p)})
+    if len(eval_p) < cfg.eval_prompts:
+        ctx.log.warning("dpo: %d held-out prompts, not %d: only those items are used by no training data",
+                        len(eval_p), cfg.eval_prompts)
     role_cfg = ctx.run_config.models[cfg.pool_role]
     work = Path(ctx.work_dir) / "rounds"
     bar = ctx.progress(cfg.rounds, "dpo rounds")
@@ -120,10 +131,16 @@ def run(ctx) -> None:
             pool = stack.enter_context(WorkerPool(role_cfg.model_copy(update={"model": str(sft_path)})))
         ctx.used_ray = True
         scorer = stack.enter_context(RewardPool(reward_path, cfg.reward))
+        judge = None
+        if cfg.judge_role:
+            if ctx.run_config.models[cfg.judge_role] == role_cfg:
+                raise ValueError(f"dpo.judge_role {cfg.judge_role!r} has the policy's engine settings, so it would "
+                                 "share the engines whose weights DPO trains; fix: give it another model")
+            judge = critic_judge(ctx.pool(cfg.judge_role), cfg.judge, ctx.seed)
         try:
             result = online_dpo(sft_path, pool, scorer, train_p, eval_p, offline, sft_rows, cfg, work,
                                 seed=ctx.seed, log_metrics=lambda m, r: ctx.log_metrics(m, step=r),
-                                on_round=lambda r, m: bar.advance(1))
+                                on_round=lambda r, m: bar.advance(1), judge=judge)
         finally:
             bar.close()
             ctx.release_pools()  # their engines now hold trained weights, not their role's model

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.run.stage import ModelRole
+from critique.grade import CritiqueConfig
+from pipeline.run.stage import ModelRole, OptionalModelRole
 from pipeline.training.moe_config import MoETrainingConfig
 from reward.score import RewardPoolConfig
 from stages.dpo.losses import DpoLossType
@@ -89,6 +90,13 @@ class OnlineDPOConfig(BaseModel):
     """Held-out prompts (never trained on) for the per-round reward and win rate against the SFT policy."""
     eval_samples: int = Field(2, ge=1)
     """Samples per held-out prompt (the same request seeds for the SFT policy and every round)."""
+    judge_role: OptionalModelRole = None
+    """Model role of a second judge of the held-out samples, one that did not train the policy: the critique
+    model grades each sample on the filter's rubric (``stages/dpo/judge.py``), reported beside the reward model's
+    figures (``eval_judge_gain``, ...). None: no second judge."""
+    judge: CritiqueConfig = Field(default_factory=lambda: CritiqueConfig(on_unparseable="drop", max_retries=1))
+    """How the judge grades (prompt file, few-shot, retries); an unparseable critique leaves the sample ungraded
+    (the judge's figures count only pairs graded on both sides)."""
     moe: MoETrainingConfig = Field(
         default_factory=lambda: MoETrainingConfig(attention_dropout=0.0, hidden_dropout=0.0))
     """MoE settings (router aux-loss coefficient, routed-expert LR scale, expert-load logging). Dropout is off

@@ -25,6 +25,9 @@ from stages.dpo.trainer import tokenize_replay, train_round
 
 log = logging.getLogger(__name__)
 
+Judge = Callable[[Sequence[dict], Sequence], list]
+"""``judge(prompts, results) -> grades``: a second judge of the held-out samples (``stages.dpo.judge``)."""
+
 
 @dataclass
 class OnlineDPOResult:
@@ -37,7 +40,7 @@ class OnlineDPOResult:
     pairs: list[dict]
     """Every round's online pairs."""
     baseline: dict
-    """Held-out rewards of the SFT policy."""
+    """Held-out samples of the SFT policy: rewards, tokens, finish reasons, the judge's grades."""
     timings: dict = field(default_factory=dict)
     """Seconds spent outside the rounds, per ``metrics.SETUP_PHASES`` phase."""
 
@@ -78,15 +81,15 @@ def _load_models(sft_path: str, work: Path, done: int, sft_rows: Sequence[dict],
 
 
 def _baseline(pool, scorer, eval_prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int, work: Path,
-              done: int) -> dict:
-    """Held-out rewards of the SFT policy (the engines serve it now), sampled once and kept in the work folder."""
-    rewards = state.read_baseline(work)
-    if eval_prompts and rewards is None:
+              done: int, judge: Judge | None) -> dict[str, list]:
+    """Held-out samples of the SFT policy (the engines serve it now), drawn once and kept in the work folder."""
+    samples = state.read_baseline(work)
+    if eval_prompts and samples is None:
         if done:  # cannot happen with an intact work folder: the baseline is written before round 1
             raise RuntimeError(f"{work / 'baseline.json'} is missing though round {done} finished; fix: delete {work}")
-        rewards = rollout.held_out_rewards(pool, scorer, eval_prompts, cfg, seed)
-        state.write_baseline(work, rewards)
-    return {"rewards": rewards if rewards is not None else []}
+        samples = rollout.held_out_samples(pool, scorer, eval_prompts, cfg, seed, judge=judge)
+        state.write_baseline(work, samples)
+    return samples if samples is not None else {"rewards": []}
 
 
 def _round_pairs(r: int, pool, scorer, models: _Models, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
@@ -108,7 +111,7 @@ def _offline_sample(offline_pairs: Sequence[dict], n_online: int, cfg: OnlineDPO
 
 def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], baseline: dict, cfg: OnlineDPOConfig, work: Path,
-               seed: int) -> tuple[dict, list[dict]]:
+               seed: int, judge: Judge | None) -> tuple[dict, list[dict]]:
     """One round, from its prompts to its metrics (written last: they mark it finished). Returns
     (metrics, online pairs)."""
     clock = M.PhaseClock()
@@ -132,8 +135,9 @@ def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[di
         sync = pool.sync_weights(models.policy)
     eval_metrics: dict[str, float] = {}
     if eval_prompts:
-        rewards = rollout.held_out_rewards(pool, scorer, eval_prompts, cfg, seed, clock)
-        eval_metrics = held_out_metrics(eval_prompts, rewards, baseline["rewards"], cfg.eval_samples)
+        samples = rollout.held_out_samples(pool, scorer, eval_prompts, cfg, seed, clock,
+                                           judge=judge if baseline.get("grades") is not None else None)
+        eval_metrics = held_out_metrics(eval_prompts, samples, baseline, cfg.eval_samples)
     with clock("checkpoint"):
         state.save_checkpoint(rdir, models.policy, models.tokenizer, models.ema)
     metrics = {M.ROUND: r, **stats, M.PAIRS_ONLINE: len(pairs), M.PAIRS_OFFLINE: len(offline),
@@ -150,9 +154,10 @@ def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[di
 def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], sft_rows: Sequence[dict], cfg: OnlineDPOConfig, work_dir: str | os.PathLike,
                seed: int = 0, log_metrics: Callable[[dict, int], None] | None = None,
-               on_round: Callable[[int, dict], None] | None = None) -> OnlineDPOResult:
+               on_round: Callable[[int, dict], None] | None = None, judge: Judge | None = None) -> OnlineDPOResult:
     """Run (or resume) the online rounds. ``pool`` serves the policy (its weights are replaced: first by the
-    starting policy, then after every round); ``scorer.score(conversations)`` gives rewards.
+    starting policy, then after every round); ``scorer.score(conversations)`` gives rewards; ``judge(prompts,
+    results)``, when given, grades the held-out samples a second time (``stages.dpo.judge``).
 
     ``train_prompts`` come from ``split_prompts``; ``work_dir`` keeps the per-round state (``state``).
     """
@@ -172,12 +177,12 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
     with setup("start_sync"), swapped_weights(models.policy, models.ema):
         pool.sync_weights(models.policy)
     with setup("baseline"):
-        baseline = _baseline(pool, scorer, eval_prompts, cfg, seed, work, done)
+        baseline = _baseline(pool, scorer, eval_prompts, cfg, seed, work, done, judge)
 
     rounds, pairs_all = state.finished_round_records(work, done)
     for r in range(done + 1, cfg.rounds + 1):
         metrics, pairs = _run_round(r, pool, scorer, models, train_prompts, eval_prompts, offline_pairs, baseline,
-                                    cfg, work, seed)
+                                    cfg, work, seed, judge)
         rounds.append(metrics)
         pairs_all.extend(pairs)
         if log_metrics is not None:

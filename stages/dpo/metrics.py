@@ -65,6 +65,36 @@ EVAL_REWARD_GAIN_SE = "eval_reward_gain_se"
 EVAL_WIN_RATE = "eval_win_rate"
 EVAL_PROMPTS = "eval_prompts"
 """Only per source (``eval_prompts_<source>``): how many held-out prompts came from that source."""
+# length and truncation of both sides (stages/dpo/evaluation.py)
+EVAL_TOKENS_MEAN = "eval_tokens_mean"
+EVAL_SFT_TOKENS_MEAN = "eval_sft_tokens_mean"
+EVAL_TRUNCATED = "eval_truncated"
+"""Share of the round's held-out samples cut at ``max_tokens``."""
+EVAL_SFT_TRUNCATED = "eval_sft_truncated"
+EVAL_UNTRUNCATED_PAIRS = "eval_untruncated_pairs"
+EVAL_REWARD_GAIN_UNTRUNCATED = "eval_reward_gain_untruncated"
+"""The reward gain over the pairs where neither sample was cut at ``max_tokens``."""
+EVAL_REWARD_GAIN_UNTRUNCATED_SE = "eval_reward_gain_untruncated_se"
+EVAL_REWARD_GAIN_LENGTH_ADJUSTED = "eval_reward_gain_length_adjusted"
+"""The gain at equal length: intercept of the paired reward difference regressed on the token difference."""
+EVAL_REWARD_PER_TOKEN = "eval_reward_per_token"
+"""Slope of that regression: reward per extra token of the policy's sample over the SFT policy's."""
+# the second judge (the critic's tiers), which did not train the policy
+EVAL_JUDGE_PAIRS = "eval_judge_pairs"
+EVAL_JUDGE_MEAN = "eval_judge_mean"
+EVAL_JUDGE_SFT_MEAN = "eval_judge_sft_mean"
+EVAL_JUDGE_GAIN = "eval_judge_gain"
+EVAL_JUDGE_GAIN_SE = "eval_judge_gain_se"
+EVAL_JUDGE_WIN_RATE = "eval_judge_win_rate"
+HELD_OUT_TABLE: dict[str, str] = {
+    EVAL_REWARD_GAIN: "reward gain", EVAL_REWARD_GAIN_SE: "± se", EVAL_WIN_RATE: "win rate",
+    EVAL_REWARD_GAIN_UNTRUNCATED: "gain, untruncated pairs", EVAL_UNTRUNCATED_PAIRS: "untruncated pairs",
+    EVAL_REWARD_GAIN_LENGTH_ADJUSTED: "gain at equal length", EVAL_REWARD_PER_TOKEN: "reward per token",
+    EVAL_TOKENS_MEAN: "tokens", EVAL_SFT_TOKENS_MEAN: "tokens (SFT)", EVAL_TRUNCATED: "truncated",
+    EVAL_SFT_TRUNCATED: "truncated (SFT)", EVAL_JUDGE_GAIN: "judge gain", EVAL_JUDGE_GAIN_SE: "± se (judge)",
+    EVAL_JUDGE_WIN_RATE: "judge win rate", EVAL_JUDGE_PAIRS: "judged pairs",
+}
+"""Key -> column title of the report's per-round table of held-out figures against the SFT policy."""
 
 
 def per_source(key: str, source: str) -> str:
@@ -73,7 +103,7 @@ def per_source(key: str, source: str) -> str:
 
 
 # -- seconds per phase ---------------------------------------------------------------------------------------
-ROUND_PHASES = ("sample", "score", "kl", "train", "sync", "eval_sample", "eval_score", "checkpoint")
+ROUND_PHASES = ("sample", "score", "kl", "train", "sync", "eval_sample", "eval_score", "eval_judge", "checkpoint")
 """Phases of a round; a resumed round that reuses its saved pairs has no sample, score or kl time."""
 SETUP_PHASES = ("load", "start_sync", "baseline")
 """Phases before the first round (``OnlineDPOResult.timings``, keyed by phase name)."""
@@ -106,6 +136,10 @@ class PhaseClock:
 
 
 # -- the manifest ---------------------------------------------------------------------------------------------
+PROMPTS_EXCLUDED = "prompts_excluded"
+"""Prompts dropped because the reward model trained on their source item."""
+PROMPTS_TRAIN = "prompts_train"
+PROMPTS_HELD_OUT = "prompts_held_out"
 ROUNDS = "rounds"
 ONLINE_PAIRS = "online_pairs"
 EMA = "ema"
@@ -116,6 +150,11 @@ def final_key(key: str) -> str:
 
 
 FINAL_FIGURES = (EVAL_WIN_RATE, EVAL_REWARD_GAIN, EVAL_REWARD_GAIN_SE, KL)
+FINAL_IF_MEASURED = (EVAL_REWARD_GAIN_UNTRUNCATED, EVAL_REWARD_GAIN_LENGTH_ADJUSTED, EVAL_TOKENS_MEAN,
+                     EVAL_SFT_TOKENS_MEAN, EVAL_TRUNCATED, EVAL_SFT_TRUNCATED, EVAL_JUDGE_GAIN, EVAL_JUDGE_GAIN_SE,
+                     EVAL_JUDGE_WIN_RATE)
+"""Also copied to the manifest's final_* keys when the last round measured them (a run without a judge, or
+resumed from a baseline written before lengths were recorded, has no such figures)."""
 FINAL_KEYS: tuple[str, ...] = tuple(final_key(k) for k in FINAL_FIGURES)
 """The final_* keys the stage puts in its manifest metrics: the last round's figures."""
 FINAL_SOURCE_FIGURES = (EVAL_REWARD_GAIN, EVAL_REWARD_GAIN_SE, EVAL_WIN_RATE)
@@ -128,6 +167,7 @@ def final_metrics(last: Mapping[str, object]) -> dict[str, object]:
     sources = [k[len(EVAL_PROMPTS) + 1:] for k in last if k.startswith(EVAL_PROMPTS + "_")]
     wanted = {per_source(k, s) for s in sources for k in FINAL_SOURCE_FIGURES}
     out: dict[str, object] = {final_key(k): last.get(k) for k in FINAL_FIGURES}
+    out.update({final_key(k): last[k] for k in FINAL_IF_MEASURED if k in last})
     out.update({final_key(k): v for k, v in last.items() if k in wanted})
     return out
 

@@ -4,14 +4,17 @@ and held-out prompts, and each round's batch."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
+from dataclasses import dataclass
 
+from pipeline.records import check_disjoint, source_item
 from pipeline.run.stage import record_seed
 from stages.dpo.config import OnlineDPOConfig
 
 
 def prompt_rows(evolved: Sequence[dict], source: str = "evolved") -> list[dict]:
-    """{id, messages, source} per unique instruction of `evolved` (the first record of a duplicate wins)."""
+    """{id, messages, source, item} per unique instruction of `evolved` (the first record of a duplicate wins);
+    ``item`` is its source item (``pipeline.records.source_item``: the seed it grew from)."""
     out, seen = [], set()
     for i, row in enumerate(evolved):
         text = row.get("instruction")
@@ -21,8 +24,9 @@ def prompt_rows(evolved: Sequence[dict], source: str = "evolved") -> list[dict]:
         if text in seen:
             continue
         seen.add(text)
-        out.append({"id": str(row.get("id") or hashlib.sha1(text.encode()).hexdigest()[:16]),
-                    "messages": [{"role": "user", "content": text}], "source": source})
+        rid = str(row.get("id") or hashlib.sha1(text.encode()).hexdigest()[:16])
+        out.append({"id": rid, "messages": [{"role": "user", "content": text}], "source": source,
+                    "item": source_item({"seed_id": row.get("seed_id"), "id": rid})})
     return out
 
 
@@ -39,21 +43,53 @@ def stdlib_prompt_rows(n: int) -> list[dict]:
     return prompt_rows(prompt_records([name for name, _ in docs[-n:]]), source="stdlib")
 
 
-def split_prompts(prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """(training prompts, held-out prompts) in a seeded order; rejects a config that would reuse prompts."""
-    order = sorted(prompts, key=lambda p: record_seed(seed, p["id"], "dpo-prompt-order"))
-    held, train = order[:cfg.eval_prompts], order[cfg.eval_prompts:]
+@dataclass
+class PromptSplit:
+    """The prompts of online DPO, kept apart by source item from each other and from the reward model's data."""
+
+    train: list[dict]
+    """Training prompts, in the seeded order rounds draw them."""
+    held_out: list[dict]
+    """Held-out prompts: no item of theirs is trained on (reward model, DPO prompts, offline pairs, SFT replay)."""
+    excluded: int
+    """Prompts dropped because the reward model trained on their item."""
+
+
+def split_prompts(prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int, reward_items: Set[str] = frozenset(),
+                  trained_items: Set[str] = frozenset()) -> PromptSplit:
+    """Training and held-out prompts, split by source item in a seeded order.
+
+    Prompts whose item the reward model trained on (``reward_items``) are dropped: the policy would be rewarded
+    for what the reward model memorized. Held-out prompts come from whole items that nothing trains on: not the
+    reward model, not another DPO prompt, not ``trained_items`` (the offline pairs and SFT replay rows the policy
+    trains on in the rounds); the split is checked with ``pipeline.records.check_disjoint``. Rejects a config
+    that would reuse prompts.
+    """
+    usable = [p for p in prompts if p["item"] not in reward_items]
+    groups: dict[str, list[dict]] = {}
+    for p in sorted(usable, key=lambda p: record_seed(seed, p["id"], "dpo-prompt-order")):
+        groups.setdefault(p["item"], []).append(p)
+    held: list[dict] = []
+    for item in sorted(groups, key=lambda i: record_seed(seed, i, "dpo-item-order")):
+        if item not in trained_items and len(held) + len(groups[item]) <= cfg.eval_prompts:
+            held.extend(groups.pop(item))
+    train = sorted((p for g in groups.values() for p in g), key=lambda p: record_seed(seed, p["id"], "dpo-prompt-order"))
+    held_items = {p["item"] for p in held}
+    check_disjoint({"reward-model training data": set(reward_items), "DPO training prompts": {p["item"] for p in train},
+                    "held-out prompts": held_items})
+    check_disjoint({"offline pairs and SFT replay": set(trained_items), "held-out prompts": held_items})
     need = cfg.rounds * cfg.prompts_per_round
+    where = (f"{len(prompts)} distinct prompts, {len(prompts) - len(usable)} of them on items the reward model "
+             f"trained on")
     if not train:
-        raise ValueError(f"evolved has {len(prompts)} distinct instructions and dpo.eval_prompts={cfg.eval_prompts} "
-                         "holds them all out; fix: lower dpo.eval_prompts")
+        raise ValueError(f"dpo has no training prompt left ({where}, {len(held)} held out); fix: lower "
+                         "dpo.eval_prompts or give the DPO stage prompts the reward model did not train on")
     if need > len(train) and not cfg.reuse_prompts:
         raise ValueError(
             f"dpo needs {need} fresh prompts (rounds={cfg.rounds} x prompts_per_round={cfg.prompts_per_round}) but "
-            f"evolved has {len(prompts)} distinct instructions, {len(train)} after holding out "
-            f"eval_prompts={cfg.eval_prompts}; fix: lower dpo.rounds or dpo.prompts_per_round, generate more "
-            "instructions, or set dpo.reuse_prompts: true")
-    return train, held
+            f"has {len(train)} training prompts ({where}, {len(held)} held out); fix: lower dpo.rounds or "
+            "dpo.prompts_per_round, generate more instructions, or set dpo.reuse_prompts: true")
+    return PromptSplit(train=train, held_out=held, excluded=len(prompts) - len(usable))
 
 
 def round_prompts(train: Sequence[dict], round_index: int, k: int) -> list[dict]:

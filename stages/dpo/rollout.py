@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.run.stage import record_seed
 from reward.score import conversation
@@ -148,12 +148,19 @@ def rollout_round(pool, scorer, ref_model, prompts: Sequence[dict], cfg: OnlineD
     return pairs, stats
 
 
-def held_out_rewards(pool, scorer, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
-                     clock: M.PhaseClock | None = None) -> list[float]:
-    """Rewards of ``cfg.eval_samples`` samples per held-out prompt, flat and prompt-major (same request seeds
-    every time they are drawn)."""
+def held_out_samples(pool, scorer, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
+                     clock: M.PhaseClock | None = None,
+                     judge: Callable[[Sequence[dict], Sequence], list[float | None]] | None = None) -> dict[str, list]:
+    """``cfg.eval_samples`` samples per held-out prompt (same request seeds every time they are drawn): their
+    ``rewards``, ``tokens``, ``finish_reasons`` and, with a ``judge``, its ``grades``; flat and prompt-major."""
     clock = clock or M.PhaseClock()
     with clock("eval_sample"):
         results = sample(pool, prompts, cfg.eval_samples, cfg, seed, EVAL_SALT)
     with clock("eval_score"):
-        return [s for row in score_results(scorer, prompts, results) for s in row]
+        rewards = [s for row in score_results(scorer, prompts, results) for s in row]
+    out = {"rewards": rewards, "tokens": [len(c.token_ids) for r in results for c in r.completions],
+           "finish_reasons": [c.finish_reason for r in results for c in r.completions]}
+    if judge is not None:
+        with clock("eval_judge"):
+            out["grades"] = judge(prompts, results)
+    return out

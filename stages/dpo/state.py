@@ -1,7 +1,8 @@
 """The work folder of the rounds, which makes a killed run resumable.
 
     state.json            {"key", "version"}: the config, inputs and seed the folder belongs to
-    baseline.json         {"rewards"}: held-out rewards of the SFT policy (written before round 1)
+    baseline.json         the SFT policy's held-out samples: {"rewards", "tokens", "finish_reasons", "grades"}
+                          (written before round 1; an earlier version wrote rewards only)
     round_NNN/pairs.jsonl the round's online pairs, and samples.json its sampling figures (written before training)
     round_NNN/policy/     the policy after the round (only the latest finished round keeps it)
     round_NNN/ema.safetensors   the EMA after the round, when kept (likewise)
@@ -74,13 +75,13 @@ def saved_ema(work: Path, done: int):
     return load_file(str(ema_file)) if done and ema_file.is_file() else None
 
 
-def read_baseline(work: Path) -> list[float] | None:
+def read_baseline(work: Path) -> dict[str, list] | None:
     path = work / "baseline.json"
-    return json.loads(path.read_text())["rewards"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_baseline(work: Path, rewards: list[float]) -> None:
-    atomic_write_json(work / "baseline.json", {"rewards": rewards})
+def write_baseline(work: Path, samples: dict[str, list]) -> None:
+    atomic_write_json(work / "baseline.json", samples)
 
 
 def finished_round_records(work: Path, done: int) -> tuple[list[dict], list[dict]]:
