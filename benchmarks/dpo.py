@@ -7,8 +7,11 @@ raise the policy's reward on held-out prompts.
 Setup (not timed in the rounds): the embedded MoE policy (smollm2-moe, 413M, float32) on one vLLM engine
 in a Ray actor; a reward model trained with TRL's RewardTrainer from SmolLM2-135M-Instruct on preference
 pairs derived from CPython's docstrings (reward/stdlib_pairs.py; cached under $POSTTRAIN_HOME/bench, so
-only the first run trains it: ~5 min here), scoring on a Ray actor. Prompts are questions about stdlib
-functions, SFT replay rows their docstrings.
+only the first run trains it), scoring on a Ray actor. Prompts are questions about stdlib functions, SFT replay
+rows their docstrings. The data is disjoint by function (``stages.dpo.split_prompts`` checks it): the reward model
+trains on pairs about the first ``REWARD_FUNCTIONS`` functions (their rejected texts come from the same ones), the
+offline pairs and SFT replay rows are about the next ``OFFLINE_FUNCTIONS``, and the training and held-out prompts
+come from the rest, apart from each other.
 
 Figures (last line, JSON):
 - rounds[i]: seconds per phase: sample (policy sampling, training prompts and held-out prompts), score
@@ -22,6 +25,9 @@ Figures (last line, JSON):
   error over held-out prompts (stages/dpo.py ``paired_gain``); `reward_raised` is gain > 2 standard errors.
   32 prompts x 4 samples: the earlier 16 x 2 default measured a gain of -0.14 whose standard error (not
   computed then; ~0.3 from the per-sample reward std of 1.7) was larger than the gain.
+- eval_tokens_final / eval_tokens_sft, eval_truncated_final / eval_truncated_sft: held-out response length and
+  share cut at max_tokens on both sides; eval_reward_gain_untruncated (pairs where neither side was cut) and
+  eval_reward_gain_length_adjusted (the gain at equal length): whether the gain is only "shorter answers".
 - plain_head_speedup: seconds of one DPO training round with TRL's fused LM head (its CPU fallback) /
   seconds with our plain-logits head (stages/dpo.py ``_plain_head_forward``), same pairs, same start weights;
   both runs alternate twice. Also `plain_head_loss_rel_diff`: they compute the same loss.
@@ -38,30 +44,37 @@ import tempfile
 import time
 from pathlib import Path
 
+REWARD_FUNCTIONS = 120
+"""Functions whose docstring pairs train the reward model (the first ones of ``stdlib_docs()``)."""
+OFFLINE_FUNCTIONS = 40
+"""Functions after those whose pairs and docstrings are the offline pairs and SFT replay rows."""
+
 PHASES = {"sample": ("time_sample", "time_eval_sample"), "score": ("time_score", "time_eval_score", "time_kl"),
           "train": ("time_train",), "sync": ("time_sync",)}
 
 
 def reward_model(cache: Path, seed: int = 0) -> tuple[Path, dict]:
     """The benchmark's reward model (trained once, then reused from ``cache``) and its held-out accuracy."""
+    from pipeline.records import pair_items
     from reward.score import RewardScorer
     from reward.stdlib_pairs import preference_records, stdlib_docs
     from reward.train import RewardModelConfig, pairwise_accuracy, split_pairs, train_reward_model
 
     cfg = RewardModelConfig(base_model="smollm2-135m-instruct", learning_rate=2e-5, num_epochs=1, batch_size=8,
                             max_length=256, seed=seed)
-    key = f"v1-{seed}"
+    key = f"v2-{seed}-{REWARD_FUNCTIONS}"
     info = cache / "info.json"
+    train, held = split_pairs(preference_records(stdlib_docs()[:REWARD_FUNCTIONS], seed=0), 0.2)
+    items = sorted({i for p in train for i in pair_items(p)})
     if info.is_file() and json.loads(info.read_text()).get("key") == key:
-        return cache, json.loads(info.read_text())
-    train, held = split_pairs(preference_records(stdlib_docs(), seed=0), 0.2)
+        return cache, {**json.loads(info.read_text()), "items": items}
     t0 = time.perf_counter()
     cache.parent.mkdir(parents=True, exist_ok=True)
     train_reward_model(train, cfg, cache)
     acc = pairwise_accuracy(RewardScorer(cache).score, held)
     out = {"key": key, "train_s": time.perf_counter() - t0, "eval_accuracy": acc["accuracy"], "eval_pairs": len(held)}
     info.write_text(json.dumps(out))
-    return cache, out
+    return cache, {**out, "items": items}
 
 
 def head_comparison(policy_path: str, pairs: list[dict], replay_rows: list[dict], cfg, repeats: int = 2) -> dict:
@@ -109,6 +122,7 @@ def main() -> None:
     from pipeline.engines.pool import PoolConfig, WorkerPool
     from pipeline.executor import ensure_ray
     from pipeline.models.catalog import posttrain_home, resolve_model
+    from pipeline.records import pair_items, source_item
     from reward.score import RewardPool
     from reward.stdlib_pairs import preference_records, prompt_records, sft_records, stdlib_docs
     from stages.dpo import OnlineDPOConfig, online_dpo, prompt_rows, split_prompts
@@ -123,8 +137,11 @@ def main() -> None:
                           eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
                           learning_rate=args.learning_rate, epochs_per_round=args.epochs_per_round, max_length=384)
     prompts = prompt_rows(prompt_records([n for n, _ in docs]))
-    train, held = split_prompts(prompts, cfg, args.seed)
-    offline, sft = preference_records(docs[:120], seed=1), sft_records(docs[:120])
+    offline_docs = docs[REWARD_FUNCTIONS:REWARD_FUNCTIONS + OFFLINE_FUNCTIONS]
+    offline, sft = preference_records(offline_docs, seed=1), sft_records(offline_docs)
+    trained = {i for p in offline for i in pair_items(p)} | {source_item(r) for r in sft}
+    split = split_prompts(prompts, cfg, args.seed, set(rm_info.pop("items")), trained)
+    train, held = split.train, split.held_out
     ensure_ray()
     t0 = time.perf_counter()
     with WorkerPool(PoolConfig(model=policy_path, dtype="float32", max_model_len=2048, kv_cache_gib=2)) as pool, \
@@ -145,9 +162,15 @@ def main() -> None:
         "eval_reward_gain": last["eval_reward_gain"], "eval_reward_gain_se": last["eval_reward_gain_se"],
         "eval_win_rate": last["eval_win_rate"],
         "eval_pairs": len(result.baseline["rewards"]), "reward_raised": last["eval_reward_gain"] > 2 * last["eval_reward_gain_se"],
+        "eval_tokens_sft": last["eval_sft_tokens_mean"], "eval_tokens_final": last["eval_tokens_mean"],
+        "eval_truncated_sft": last["eval_sft_truncated"], "eval_truncated_final": last["eval_truncated"],
+        "eval_reward_gain_untruncated": last["eval_reward_gain_untruncated"],
+        "eval_untruncated_pairs": last["eval_untruncated_pairs"],
+        "eval_reward_gain_length_adjusted": last["eval_reward_gain_length_adjusted"],
+        "prompts_train": len(train), "prompts_held_out": len(held), "prompts_excluded": split.excluded,
     }
     if not args.no_head_comparison:
-        pairs = preference_records(docs[120:128], seed=2)
+        pairs = preference_records(offline_docs[:8], seed=2)
         out.update(head_comparison(policy_path, pairs, sft, cfg))
     print(json.dumps(out))
 
@@ -159,7 +182,9 @@ def _round_line(m: dict) -> dict:
     line["other_s"] = m["time_total"] - sum(line[f"{p}_s"] for p in PHASES)
     for key in ("round", "pairs_online", "ties", "reward_mean", "reward_std", "reward_margin", "kl",
                 "rewards_accuracies", "rewards_margins", "loss_total", "loss_dpo", "loss_chosen_nll", "loss_replay_nll",
-                "eval_reward_mean", "eval_reward_gain", "eval_reward_gain_se", "eval_win_rate", "sample_tokens", "train_steps"):
+                "eval_reward_mean", "eval_reward_gain", "eval_reward_gain_se", "eval_win_rate", "sample_tokens", "train_steps",
+                "eval_reward_gain_untruncated", "eval_reward_gain_length_adjusted", "eval_tokens_mean",
+                "eval_sft_tokens_mean", "eval_truncated", "eval_sft_truncated"):
         if key in m:
             line[key] = m[key]
     return line

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.records import PAIR_FIELDS
+from pipeline.tracking import attach, report_to
 from reward.score import RewardPoolConfig
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,11 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
             # CPU facts (PLATFORM.md): CPUs without bf16 units run float32 faster; checkpointing only costs
             # time at these sizes.
             bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+            logging_steps=1, save_strategy="no", report_to=report_to(), disable_tqdm=True,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                                 callbacks=[_Relay()])
+        attach(trainer, "reward")
         if len(trainer.train_dataset) == 0:
             raise ValueError(f"every training pair is longer than reward.max_length={cfg.max_length} tokens; "
                              "fix: raise reward.max_length")

@@ -110,6 +110,7 @@ def _train_in_own_process(train: list[dict], cfg: RewardModelConfig, out: Path) 
     import ray
 
     from pipeline.executor import worker_log_env
+    from pipeline.tracking import tracking_env
 
     def train_task(train, cfg, out):
         import torch
@@ -126,7 +127,7 @@ def _train_in_own_process(train: list[dict], cfg: RewardModelConfig, out: Path) 
     threads = str(len(os.sched_getaffinity(0)))  # Ray would pin torch to the task's 1 reserved CPU
     task = ray.remote(num_cpus=1, max_calls=1, max_retries=0,
                       runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-                                                **worker_log_env()}})(
+                                                **worker_log_env(), **tracking_env()}})(
         train_task)
     return ray.get(task.remote(train, cfg, str(Path(out).resolve())))
 

@@ -43,6 +43,7 @@ from stages.dpo import loop as dpo_loop
 from stages.dpo import rollout as dpo_rollout
 from stages.dpo.evaluation import held_out_metrics, length_adjusted_gain
 from stages.dpo.trainer import unpatch_forward
+from tests.tensorboard_events import scalars
 
 # Small enough for the test budget; a learning rate that moves a random tiny model in a few steps.
 LOOP = dict(rounds=2, prompts_per_round=6, samples_per_prompt=4, max_tokens=16, eval_prompts=8, eval_samples=2,
@@ -572,6 +573,15 @@ def test_reward_and_dpo_stages_through_the_runner(policy_pool, tmp_path):
     assert [row["step"] for row in series] == [1, 2] and all("eval_win_rate" in row for row in series)
     pairs = store.read_dataset("online_pairs").to_list()
     assert {p["source"] for p in pairs} <= {"online_round_1", "online_round_2"} and pairs
+    # TensorBoard got the trainers' curves (reward model; each DPO round) and the per-round stage figures.
+    tracking = tmp_path / "run" / "tracking"
+    assert scalars(tracking / "reward")["train/loss"]
+    for r in (1, 2):
+        assert scalars(tracking / "dpo" / f"round_{r:03d}")["train/loss"], r
+    stage = scalars(tracking / "dpo")
+    for key in ("eval_win_rate", "reward_mean", "kl", "eval_reward_gain_length_adjusted", "eval_truncated"):
+        assert [step for step, _ in stage[f"dpo/{key}"]] == [1, 2], key
+    assert [v for _, v in stage["dpo/eval_win_rate"]] == pytest.approx([r["eval_win_rate"] for r in rounds], rel=1e-6)
     # The published policy is a plain transformers folder whose weights moved away from the SFT policy.
     published = _load(store.artifact_path("dpo_model"))
     sft = _load(store.artifact_path("sft_model"))

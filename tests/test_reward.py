@@ -75,3 +75,30 @@ def test_configured_reward_model_is_checked(tiny_reward_model, embedded_models):
     causal = embedded_models["tiny-moe"]
     with pytest.raises(ModelError, match=rf"{causal} is not a reward model .*num_labels"):
         check_reward_model(causal)
+
+
+def _pair(chosen: str, rejected: str, source: str = "critique") -> dict:
+    return {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "source": source}
+
+
+def test_trivially_separable_pairs_and_accuracy_per_group():
+    from reward.train import trivially_separable
+    from stages.reward import BUILTIN_SOURCE, held_out_accuracies
+
+    assert trivially_separable(_pair("the whole answer here", "the whole")) == "prefix"
+    assert trivially_separable(_pair("an answer", "  ")) == "empty"
+    assert trivially_separable(_pair("one answer", "another answer")) is None
+    assert trivially_separable(_pair("short", "short and longer")) is None  # the chosen is the prefix: not trivial
+
+    def longer_is_better(convs):  # a "reward model" that only prefers length: it wins every truncation pair
+        return [float(len(c[-1]["content"])) for c in convs]
+
+    held = [_pair("a complete answer", "a complete", BUILTIN_SOURCE),  # trivial, won
+            _pair("right", "wrong but long", BUILTIN_SOURCE),          # not trivial, lost
+            _pair("the filter's good answer", "bad")]                   # the filter's own pair, not trivial, won
+    acc = held_out_accuracies(longer_is_better, held)
+    assert acc["eval_accuracy"] == pytest.approx(2 / 3)
+    assert (acc["eval_accuracy_builtin"], acc["eval_pairs_builtin"]) == (0.5, 2)
+    assert (acc["eval_accuracy_filter_pairs"], acc["eval_pairs_filter"]) == (1.0, 1)
+    assert (acc["eval_accuracy_nontrivial"], acc["eval_pairs_nontrivial"]) == (0.5, 2)

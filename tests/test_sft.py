@@ -35,6 +35,7 @@ from stages.sft import (
 )
 from stages.sft.trainer import training_args
 from stages.sft.worker import last_checkpoint
+from tests.tensorboard_events import scalars
 
 
 def _multi_turn(records):
@@ -307,6 +308,9 @@ def test_stage_runs_as_ray_train_job_through_the_runner(ray_session, embedded_mo
     # the worker trains in a thread: one malloc arena keeps its buffers on the heap
     # (pipeline.training.ray_train.cpu_worker_env)
     assert metrics["phases"][0]["malloc_arena_max"] == os.environ.get("MALLOC_ARENA_MAX", "1")
+    # The phase's trainer reported to the run's TensorBoard (RunConfig.tracking's default): a loss per step.
+    losses = scalars(run / "tracking" / "sft" / "phase_0")["train/loss"]
+    assert [step for step, _ in losses] == [1, 2] and all(v > 0 for _, v in losses)
     check = metrics["phases"][0]["dropout_loss_check"]  # the recipe's dropout (default) is checked on batch 1
     assert check["train_loss"] != check["eval_loss"]
     assert metrics["heldout_records"] == 4 and metrics["heldout_nll_before"] is not None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
@@ -58,6 +58,20 @@ class RayConfig(BaseModel):
     """Embedded Ray only: logical CPUs it offers (None: the machine's cores)."""
     num_gpus: int | None = Field(None, ge=0)
     """Embedded Ray only: logical GPUs it offers (None: the GPUs Ray detects)."""
+
+
+class TrackingConfig(BaseModel):
+    """Experiment tracking of the run's trainers and stage figures (``pipeline/tracking.py``)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Trackers, as transformers' ``report_to`` names them: the SFT, reward and DPO trainers report to all of
+    them (W&B and MLflow read their usual environment variables: project, tracking URI); the stages' own figures
+    (per-round DPO and eval figures) go to TensorBoard. A tracker that is not installed is skipped with a
+    warning. [] turns tracking off; the run directory's metrics.jsonl files are written either way."""
+    dir: Path | None = None
+    """Folder of the TensorBoard event files (one subfolder per trainer and per stage). None: RUN_DIR/tracking."""
 
 
 class StageResources(BaseModel):
@@ -102,6 +116,8 @@ class RunConfig(BaseModel):
     """Records per shard of `ctx.map` / `ctx.write`: the unit of resume after a kill."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Ray cluster settings."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking (TensorBoard by default)."""
     models: dict[str, PoolConfig] = Field(default_factory=dict)
     """Model roles (e.g. policy, instruct, critic) -> vLLM worker pool settings. Roles with identical
     settings share one pool."""

@@ -59,3 +59,23 @@ def logging_to(run_dir: Path | None, mode: str) -> Iterator[Any]:
         for hd in handlers:
             hd.close()
 
+
+
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """Inside the block, ``datasets`` and ``transformers`` draw no progress bars of their own ("Creating parquet
+    from Arrow format", "Loading weights"): a run shows one progress line per stage instead."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_on = not datasets.are_progress_bars_disabled()
+    hf_on = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if hf_on:
+            hf_logging.enable_progress_bar()

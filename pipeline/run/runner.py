@@ -27,7 +27,7 @@ from pipeline.files import atomic_write_text, fingerprint
 from pipeline.run.artifacts import ArtifactStore, library_versions
 from pipeline.run.checks import check_inputs, check_model_folders, disk_sources
 from pipeline.run.config import RunConfig, dump_config
-from pipeline.run.console import console_mode, logging_to
+from pipeline.run.console import console_mode, library_bars_off, logging_to
 from pipeline.run.errors import RunError
 from pipeline.run.fingerprint import code_version, pool_fingerprint, what_changed
 from pipeline.run.graph import dependents, order_stages, producers, upstream
@@ -36,6 +36,7 @@ from pipeline.run.progress import ProgressReporter
 from pipeline.run.session import PoolManager, RayHandle
 from pipeline.run.stage import StageContext, StageError
 from pipeline.run.status import status_rows
+from pipeline.tracking import tracking_to
 
 __all__ = ["PlanItem", "RunError", "Runner", "format_plan", "order_stages", "run_graph", "run_stage", "status_rows"]
 
@@ -195,7 +196,9 @@ class Runner:
         root = Path(self.cfg.run_dir)
         # vLLM engines, reward actors and training workers write their output to RUN_DIR/logs/workers/ (one file
         # per worker), not to the console
-        with _run_dir_lock(root), logging_to(root, self.mode) as console, worker_logs_in(root / "logs" / "workers"):
+        tracking = self.cfg.tracking
+        with _run_dir_lock(root), logging_to(root, self.mode) as console, worker_logs_in(root / "logs" / "workers"), \
+                tracking_to(tracking.report_to, tracking.dir or root / "tracking"), library_bars_off():
             reporter = ProgressReporter(self.mode, console=console)
             t0 = time.perf_counter()
             log.info("run %s: %s", root, " -> ".join(self._names(only)))
@@ -272,11 +275,13 @@ class Runner:
         ctx.on_progress = refresh
         try:
             st.run(ctx)
+            ctx.tracker.close()
             missing = [o for o in st.outputs if o not in ctx.written or not self.store.artifact_exists(o)]
             if missing:
                 raise StageError(f"stage {name} returned without writing its declared output(s) {missing}; "
                                  "fix: write them with ctx.map / ctx.write / ctx.output_path")
         except BaseException as exc:
+            ctx.tracker.close()
             refresh()
             manifest.state, manifest.error, manifest.finished_at = "failed", f"{type(exc).__name__}: {exc}", _now()
             manifest.metrics, manifest.ray = ctx.metrics, self.ray.info if ctx.used_ray else None

@@ -31,6 +31,7 @@ from pipeline.executor import (
     run_items,
 )
 from pipeline.files import canonical_json
+from pipeline.tracking import StageWriter
 
 if TYPE_CHECKING:  # imported lazily at run time: these pull in Ray / vLLM / datasets
     import datasets
@@ -167,6 +168,12 @@ class StageContext:
     pools_used: dict[str, str] = field(default_factory=dict)
     """Model role -> model, for every ``pool(role)`` call (part of the fingerprint)."""
     used_ray: bool = False
+    tracker: StageWriter = field(default=None)  # type: ignore[assignment]
+    """Where ``log_metrics`` rows also go (the run's TensorBoard); the runner closes it when the stage ends."""
+
+    def __post_init__(self) -> None:
+        if self.tracker is None:
+            self.tracker = StageWriter(self.stage.name)
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -388,8 +395,9 @@ class StageContext:
 
     def log_metrics(self, values: dict[str, Any], step: int | None = None) -> None:
         """Append one point of a time series (loss curves, per-round figures) to
-        ``stages/<stage>/metrics.jsonl``."""
+        ``stages/<stage>/metrics.jsonl``, and send its numbers to the run's TensorBoard."""
         self.store.append_metrics(self.name, {"time": time.time(), "step": step, **values})
+        self.tracker.log(values, step)
 
     def progress(self, total: int, desc: str | None = None) -> Bar:
         """A progress bar (records, records/s, ETA); ``bar.advance(n)``; closes with ``with``."""

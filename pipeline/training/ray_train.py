@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pipeline.executor import cluster_has_gpus, ensure_ray, log_worker_output, root_cause, worker_log_env
 from pipeline.files import atomic_write_json
+from pipeline.tracking import tracking_env
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) ->
         loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=storage_uri(job.storage_path, Path(job.work_dir)), name=job.name,
-                             worker_runtime_env={"env_vars": {**cpu_worker_env(job.use_gpu), **worker_log_env()}}),
+                             worker_runtime_env={"env_vars": {**cpu_worker_env(job.use_gpu), **worker_log_env(),
+                                                                **tracking_env()}}),
     )
     try:
         result = trainer.fit()

@@ -128,7 +128,7 @@ def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[di
     if train_pairs:
         with clock("train"), tempfile.TemporaryDirectory(prefix="dpo-trainer-", dir=work) as scratch:
             train_metrics = train_round(models.policy, models.ref_model, models.tokenizer, train_pairs, models.replay,
-                                        cfg, seed * 1000 + r, scratch, models.ema)
+                                        cfg, seed * 1000 + r, scratch, models.ema, tracking_name=f"dpo/round_{r:03d}")
     else:
         log.warning("dpo round %d: every prompt was a tie and there are no offline pairs; no training", r)
     with clock("sync"), swapped_weights(models.policy, models.ema):

@@ -13,6 +13,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.tracking import attach, report_to
 from stages.dpo import metrics as M
 from stages.dpo.config import OnlineDPOConfig
 from stages.dpo.ema import ema_callback
@@ -221,13 +222,14 @@ def dpo_training_args(cfg: OnlineDPOConfig, output_dir: str, seed: int):
         # float32: bf16 is slower than float32 on this kind of CPU (PLATFORM.md); activation checkpointing
         # trades time for memory that these sequence lengths do not need.
         bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        logging_steps=1, save_strategy="no", report_to=report_to(), disable_tqdm=True,
     )
 
 
 def make_trainer(policy, ref_model, tokenizer, pairs: Sequence[dict], replay: Sequence[dict], cfg: OnlineDPOConfig,
-                 seed: int, scratch: str, ema: dict | None = None, plain_head: bool = True):
-    """The round's ReplayDPOTrainer on ``pairs`` (prompt/chosen/rejected), with the EMA callback when kept."""
+                 seed: int, scratch: str, ema: dict | None = None, plain_head: bool = True, tracking_name: str = "dpo"):
+    """The round's ReplayDPOTrainer on ``pairs`` (prompt/chosen/rejected), with the EMA callback when kept; its
+    logs go to the run's trackers under ``tracking_name``."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
@@ -239,17 +241,20 @@ def make_trainer(policy, ref_model, tokenizer, pairs: Sequence[dict], replay: Se
         replay_coef=cfg.sft_replay_coef, replay_batch_size=cfg.replay_batch_size, replay_seed=seed,
         dpo_loss_type=cfg.dpo_loss_type, plain_head=plain_head)
     trainer.remove_callback(PrinterCallback)
+    attach(trainer, tracking_name)
     return trainer
 
 
 def train_round(policy, ref_model, tokenizer, pairs: Sequence[dict], replay: Sequence[dict], cfg: OnlineDPOConfig,
-                seed: int, scratch, ema: dict | None = None, plain_head: bool = True) -> dict[str, float]:
+                seed: int, scratch, ema: dict | None = None, plain_head: bool = True,
+                tracking_name: str = "dpo") -> dict[str, float]:
     """Train the policy in place on ``pairs`` (one DPOTrainer, fresh optimizer); returns the round's means of the
     logged figures (``metrics.TRAIN_LOG_KEYS``, by their logged names) and ``train_steps``. ``plain_head=False``
     keeps TRL's fused LM head on CPU too (benchmarks/dpo.py compares the two)."""
     from pipeline.memory import large_buffers_on_heap
 
-    trainer = make_trainer(policy, ref_model, tokenizer, pairs, replay, cfg, seed, str(scratch), ema, plain_head)
+    trainer = make_trainer(policy, ref_model, tokenizer, pairs, replay, cfg, seed, str(scratch), ema, plain_head,
+                           tracking_name)
     try:
         with large_buffers_on_heap():
             trainer.train()

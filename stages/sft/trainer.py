@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking import report_to
 from pipeline.training.moe_config import LRWindow
 from stages.sft.config import LoraSettings, SFTStageConfig
 
@@ -51,7 +52,7 @@ def training_args(cfg: SFTStageConfig, spec: dict, out_dir: Path, bf16: bool, ma
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=1,
-        report_to=[],
+        report_to=report_to(),
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,

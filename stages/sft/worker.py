@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.files import atomic_write_json, copy_folder_atomically, replace_folder
+from pipeline.tracking import attach
 from pipeline.training.moe_config import LRWindow
 from stages.sft.config import SFTPhase, SFTStageConfig
 from stages.sft.measures import Throughput, dropout_check, heldout_nll, jsonl_log_callback
@@ -136,6 +137,7 @@ def _train_phase(run: WorkerRun, k: int, phase: SFTPhase, records: list[dict], m
     trainer = make_sft_trainer(model, run.tokenizer, records, cfg, args, run.windows[k], lora_config(cfg.lora),
                                callbacks=[jsonl_log_callback(run.work / "train_log.jsonl", k), clock.callback])
     clock.trainer = trainer
+    attach(trainer, f"sft/phase_{k}")
     if k == 0 and "heldout_nll_before" not in summary:  # the base model, before any phase
         summary["heldout_nll_before"] = heldout_nll(trainer, run.heldout_ds)
         if run.is_main:
