@@ -14,8 +14,9 @@ SourceKind = Literal["web", "web_qa", "code", "book"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 
 SEED_FIELDS: tuple[str, ...] = ("id", "text", "source_kind", "source", "license", "n_tokens", "title", "language",
-                                "question", "answer")
-"""Fields of a `seeds` record (question/answer are set for web QA only)."""
+                                "question", "answer", "encoding")
+"""Fields of a `seeds` record (question/answer are set for web QA only; encoding: the codec the document was
+read with, None for text that came as strings)."""
 
 INSTRUCTION_FIELDS: tuple[str, ...] = ("id", "instruction", "domain", "task_type", "seed_id", "source_kind",
                                        "parent_id", "operator", "round", "model", "template")

@@ -167,13 +167,33 @@ class WorkerPool:
 
         for i, actor in enumerate(actors):
             try:
-                ray.get(actor.info.remote())
+                ready = actor.info.remote()
+                self._wait_placed(i, ready)
+                ray.get(ready)
             except Exception as exc:
                 cause = ray_cause(exc)
                 self.shutdown()
                 if isinstance(cause, ModelError):
                     raise ModelError(str(cause)) from None
                 raise EngineStartError(f"worker {i}: {cause}") from None
+
+    def _wait_placed(self, index: int, ref, every_s: float = 60.0) -> None:
+        """Wait for the engine to answer; while it waits for CPUs or GPUs that other actors hold (an engine or a
+        reward actor of an earlier step still up), say so once a minute, with the fix, instead of hanging
+        silently."""
+        import ray
+
+        cfg = self.config
+        need_gpu = 1 if self.device == "cuda" else 0
+        while not ray.wait([ref], timeout=every_s)[0]:
+            free = ray.available_resources()
+            if free.get("CPU", 0) < cfg.num_cpus_per_worker or free.get("GPU", 0) < need_gpu:
+                total = ray.cluster_resources()
+                log.warning("vLLM worker %d of %s is waiting for %g CPU / %d GPU: the cluster has %g of %g CPUs and "
+                            "%g of %g GPUs free, the rest held by other engines and actors of the run; fix: give Ray "
+                            "more logical CPUs (ray.num_cpus in the run config), or models.<role>.num_cpus_per_worker "
+                            "less", index, self.model_path, cfg.num_cpus_per_worker, need_gpu, free.get("CPU", 0),
+                            total.get("CPU", 0), free.get("GPU", 0), total.get("GPU", 0))
 
     def _restart(self, index: int) -> None:
         """Replace worker ``index`` with a fresh engine, given the weights of the last sync."""

@@ -11,9 +11,14 @@ needs (nothing hand-written):
 - code: modules of CPython's standard library (``{stdlib}/*.py``);
 - book: CPython's language-reference topics (``pydoc_data.topics``, the text ``help()`` shows).
 
-Modules: ``config`` (SeedSource, SeedsConfig), ``files`` (paths, bytes, lines and rows that survive bad input),
-``loaders`` (one per source kind), ``chunking`` (token-budget chunks at natural bounds), ``build`` (chunk, dedup,
-sample, ids); this module wires the stage.
+Bad input never stops a run and nothing is read twice: each real file once however many links lead to it,
+any encoding (BOM, declared charset, UTF-8, detection), files of records streamed; what is skipped is counted
+under a fixed list of reasons with a few examples each, and a source with broken input gets one console warning.
+
+Modules: ``config`` (SeedSource, SeedsConfig), ``paths`` (globs, links), ``text`` (bytes to text), ``records``
+(streamed rows), ``skips`` (reasons), ``loaders`` (documents per kind and file), ``chunking`` (token-budget chunks
+at natural bounds), ``build`` (chunk, dedup, sample, ids), ``ray_reader`` (the same on Ray Data); this module
+wires the stage.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from __future__ import annotations
 from pipeline.run.stage import Stage, StageContext
 from stages.seeds.build import build_seeds, chunk_documents, dedup, seed_id
 from stages.seeds.config import LANGUAGE_EXTENSIONS, SeedsConfig, SeedSource, default_sources
-from stages.seeds.files import Document, SeedSourceError, SkipLog
-from stages.seeds.loaders import load_documents
+from stages.seeds.loaders import Document, load_documents
+from stages.seeds.skips import SeedSourceError, SkipLog
 
 __all__ = ["LANGUAGE_EXTENSIONS", "STAGE", "Document", "SeedSource", "SeedSourceError", "SeedsConfig", "SkipLog",
            "build_seeds", "chunk_documents", "dedup", "default_sources", "load_documents", "run", "seed_id"]

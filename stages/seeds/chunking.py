@@ -22,7 +22,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+(?=\S)")
 
 @lru_cache(maxsize=4)
 def token_counter(tokenizer: str) -> TokenCounter:
-    """A batched token counter for an embedded model name or a tokenizer folder."""
+    """A batched token counter for an embedded model name or a tokenizer folder (loaded once per process)."""
     from transformers import AutoTokenizer
 
     from pipeline.models.catalog import resolve_model

@@ -1,8 +1,10 @@
-"""Configuration of the seeds stage: the seed sources (one per corpus) and chunking, dedup and sampling."""
+"""Configuration of the seeds stage: the seed sources, chunking, dedup, and where reading runs."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from pipeline.records import SourceKind
 
@@ -30,12 +32,17 @@ class SeedSource(BaseModel):
     kind: SourceKind
     """web: HTML pages (main text extracted); web_qa: question/answer pairs (JSONL, JSON, Parquet, a
     `datasets` dataset, or a plain-text FAQ of 'Q:'/'A:' blocks); code: source files by language;
-    book: long plain-text/markdown/reST documents chunked at section and paragraph bounds."""
+    book: long plain-text/markdown/reST documents chunked at section and paragraph bounds. Every kind
+    also reads files of records (`.jsonl`, `.jsonl.gz`, `.parquet`), one document per row."""
     name: str | None = None
     """Label used in logs, errors and the `source` field; default: kind plus the first path/dataset."""
     paths: list[str] = Field(default_factory=list)
     """Glob patterns (`**` recurses; `.gz` files are read transparently). Placeholders: {stdlib}
-    (this Python's standard library folder), {purelib} (site-packages)."""
+    (this Python's standard library folder), {purelib} (site-packages). Each real file is read once,
+    however many links or patterns lead to it."""
+    follow_symlinks: bool = True
+    """Follow symbolic links met while expanding the globs (a link to a folder or file already read,
+    such as a link to a parent folder, is skipped and counted, never read twice). False: skip them."""
     dataset: str | None = None
     """A `datasets` dataset: a folder written by `save_to_disk`, or a name for `datasets.load_dataset`
     (needs the Hub or a local cache: no network at run time here)."""
@@ -62,10 +69,14 @@ class SeedSource(BaseModel):
     """code: skip files whose first lines say they are generated ('Auto-generated', 'DO NOT EDIT')."""
     max_files: int | None = Field(None, ge=1)
     """Read at most this many matched files (sorted by path)."""
-    max_file_bytes: int = Field(2_000_000, ge=1)
-    """Files larger than this are skipped (counted)."""
+    max_document_bytes: int = Field(8_000_000, ge=1,
+                                    validation_alias=AliasChoices("max_document_bytes", "max_file_bytes"))
+    """Largest single document: a text, HTML or code file, or one record of a file of records (a JSONL
+    line, a Parquet or dataset row). Larger ones are skipped and counted. Files of records are read
+    streaming and never rejected for their total size. (Old name: max_file_bytes.)"""
     max_line_chars: int = Field(20_000, ge=80)
-    """Lines longer than this (minified code, base64 blobs, broken records) are skipped and counted."""
+    """Lines of text, book and code files longer than this (minified code, base64 blobs) are skipped and
+    counted. HTML pages are exempt: a whole page on one line is common."""
     max_chunks: int | None = Field(None, ge=1)
     """Keep at most this many chunks of this source after dedup (a seeded spread sample)."""
 
@@ -109,3 +120,10 @@ class SeedsConfig(BaseModel):
     duplicate of an earlier one and is dropped. None: exact duplicates only."""
     max_seeds: int | None = Field(None, ge=1)
     """Cap on the total number of seeds (after each source's max_chunks), a seeded sample."""
+    reader: Literal["auto", "driver", "ray_data"] = "auto"
+    """Where files are read, decoded, extracted and chunked: in this process (driver), or on the Ray
+    cluster with Ray Data (ray_data: each file, Parquet row group or slice of a dataset is a task;
+    dedup keys are grouped across blocks). Both give the same seeds with the same ids. auto: ray_data
+    when the matched files add up to at least ray_data_min_bytes."""
+    ray_data_min_bytes: int = Field(1_000_000_000, ge=1)
+    """reader auto: total size of the matched input files from which reading moves to Ray Data."""

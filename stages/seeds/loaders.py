@@ -1,30 +1,55 @@
-"""Loaders for the four kinds of seed corpora: web pages, web QA, code repositories, books.
+"""Documents of the four kinds of seed corpora (web pages, web QA, code repositories, books), file by file.
 
-Each loader turns one configured source into documents (text + where it came from); ``load_documents``
-picks the loader of a source's kind. Chunking and dedup happen in ``stages.seeds.build``.
+``source_files`` lists what a source reads (each real file once, filtered by kind, capped at ``max_files``);
+``file_documents`` turns one file into documents (text + where it came from + the encoding it was read with);
+``extra_documents`` reads a source's `datasets` dataset and Python attribute. ``load_documents`` does all of it in
+this process; the Ray Data reader (``stages.seeds.ray_reader``) runs ``file_documents`` on the cluster instead,
+so both give the same documents. Chunking and dedup happen in ``stages.seeds.build``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.seeds.config import LANGUAGE_EXTENSIONS, SeedSource
-from stages.seeds.files import (
-    Document,
-    SeedSourceError,
-    SkipLog,
-    decode_lines,
-    expand_paths,
+from stages.seeds.paths import expand_paths
+from stages.seeds.records import (
     field_value,
+    is_record_file,
     iter_dataset_rows,
     iter_module_texts,
     iter_rows,
-    read_bytes,
-    read_text,
     text_value,
 )
+from stages.seeds.skips import (
+    EMPTY_TEXT,
+    GENERATED,
+    MISSING_FIELD,
+    NO_FAQ_PAIRS,
+    NO_MAIN_TEXT,
+    VENDORED,
+    SeedSourceError,
+    SkipLog,
+)
+from stages.seeds.text import decode, numbered_lines, read_document, read_file_bytes
+
+
+@dataclass
+class Document:
+    """One unit of source text before chunking."""
+
+    text: str
+    source: str
+    """Where it came from: file path (plus line or row) or dataset + row."""
+    title: str | None = None
+    language: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    encoding: str | None = None
+    """Codec the text was decoded with (None for text that came as strings: Parquet, datasets, a module)."""
+
 
 # Path parts that mark third-party copies inside a repository.
 VENDORED_PARTS = frozenset({
@@ -68,55 +93,6 @@ def html_title(html: str) -> str | None:
     return html_lib.unescape(re.sub(r"\s+", " ", m.group(1))).strip() or None
 
 
-def load_web(source: SeedSource, skips: SkipLog) -> list[Document]:
-    docs = []
-    for location, html in _iter_raw_documents(source, skips, suffixes=HTML_SUFFIXES):
-        text = extract_main_text(html) if "<" in html else html.strip()
-        if not text:
-            skips.skip(location, "no main text found in the page")
-            continue
-        docs.append(Document(text=text, source=location, title=html_title(html)))
-    return docs
-
-
-# -- books / long documents -----------------------------------------------------------------------
-def load_book(source: SeedSource, skips: SkipLog) -> list[Document]:
-    docs = []
-    if source.module:
-        for location, title, text in iter_module_texts(source):
-            if text.strip():
-                docs.append(Document(text=text, source=location, title=title))
-            else:
-                skips.skip(location, "empty text")
-    for location, text in _iter_raw_documents(source, skips, suffixes=None):
-        docs.append(Document(text=text, source=location, title=Path(location.split(":")[0]).stem))
-    return docs
-
-
-def dataset_texts(source: SeedSource, skips: SkipLog) -> Iterator[tuple[str, str]]:
-    """(location, text) of the rows of the source's `datasets` dataset; rows without text are skipped and counted."""
-    for location, row in iter_dataset_rows(source):
-        text = text_value(field_value(row, source.text_field))
-        if text is None:
-            skips.skip(location, f"missing or empty field {source.text_field!r}")
-            continue
-        yield location, text
-
-
-def _iter_raw_documents(source: SeedSource, skips: SkipLog, suffixes: tuple[str, ...] | None):
-    """(location, text) of each matched file (or dataset row's text_field)."""
-    files = expand_paths(source.paths)
-    if suffixes is not None:
-        files = [p for p in files if p.name.removesuffix(".gz").lower().endswith(suffixes)]
-    for path in files[: source.max_files]:
-        text = read_text(path, source, skips)
-        if text is not None:
-            yield str(path), text
-    if source.dataset:
-        yield from dataset_texts(source, skips)
-
-
-# -- web QA ------------------------------------------------------------------------------------
 def parse_faq_text(lines: list[tuple[int, str]], location: str, skips: SkipLog) -> list[Document]:
     """Question/answer pairs from a plain-text FAQ written as 'Q:' / 'A:' blocks."""
     pairs: list[Document] = []
@@ -163,34 +139,6 @@ def _join_block(lines: list[str]) -> str:
     return "\n\n".join(paragraphs).strip()
 
 
-def load_web_qa(source: SeedSource, skips: SkipLog) -> list[Document]:
-    docs = []
-    files = [p for p in expand_paths(source.paths) if p.name.removesuffix(".gz").lower().endswith(QA_SUFFIXES)]
-    rows: list[tuple[str, dict]] = []
-    for path in files[: source.max_files]:
-        if path.name.removesuffix(".gz").lower().endswith(".txt"):
-            data = read_bytes(path, source, skips)
-            if data is not None:
-                pairs = parse_faq_text(decode_lines(data, str(path), source, skips), str(path), skips)
-                if not pairs:
-                    skips.skip(str(path), "no 'Q:'/'A:' pairs found")
-                docs.extend(pairs)
-            continue
-        rows.extend(iter_rows(path, source, skips))
-    if source.dataset:
-        rows.extend(iter_dataset_rows(source))
-    for location, row in rows:
-        q = text_value(field_value(row, source.question_field))
-        a = text_value(field_value(row, source.answer_field))
-        if q is None or a is None:
-            missing = [f for f, v in ((source.question_field, q), (source.answer_field, a)) if v is None]
-            skips.skip(location, f"missing or empty field(s) {missing}")
-            continue
-        docs.append(Document(text="", source=location, question=q, answer=a))
-    return docs
-
-
-# -- code ----------------------------------------------------------------------------------------
 def code_language(path: Path, languages: list[str]) -> str | None:
     suffix = path.suffix.lower()
     for lang in languages:
@@ -205,42 +153,137 @@ def is_generated(text: str) -> bool:
     return bool(GENERATED_MARKERS.search(head))
 
 
-def load_code(source: SeedSource, skips: SkipLog) -> list[Document]:
+def _suffix(path: Path) -> str:
+    return path.name.removesuffix(".gz").lower()
+
+
+def source_files(source: SeedSource, skips: SkipLog) -> list[Path]:
+    """The files ``source`` reads, sorted, each real file once: files of records for every kind, plus HTML pages
+    (web), ``.json`` / plain-text FAQ files (web_qa), source files of its languages outside vendored folders
+    (code), or any file (book); at most ``max_files``."""
     unknown = [lang for lang in source.languages if lang not in LANGUAGE_EXTENSIONS]
-    if unknown:
+    if source.kind == "code" and unknown:
         raise SeedSourceError(f"seed source {source.label()}: unknown language(s) {unknown}; "
                               f"allowed: {sorted(LANGUAGE_EXTENSIONS)}")
+    out = []
+    for path in expand_paths(source.paths, skips, source.follow_symlinks):
+        if is_record_file(path):
+            out.append(path)
+        elif source.kind == "web":
+            if _suffix(path).endswith(HTML_SUFFIXES):
+                out.append(path)
+        elif source.kind == "web_qa":
+            if _suffix(path).endswith(QA_SUFFIXES):
+                out.append(path)
+        elif source.kind == "code":
+            if code_language(path, source.languages) is None:
+                continue
+            if source.skip_vendored and VENDORED_PARTS.intersection(path.parts[-8:-1]):
+                skips.skip(str(path), VENDORED)
+                continue
+            out.append(path)
+        else:
+            out.append(path)
+    return out[: source.max_files]
+
+
+def row_document(location: str, row: dict, source: SeedSource, skips: SkipLog,
+                 encoding: str | None = None) -> Document | None:
+    """The document of one record (a JSONL line, a Parquet or dataset row), or None after counting why."""
+    if source.kind == "web_qa":
+        q = text_value(field_value(row, source.question_field))
+        a = text_value(field_value(row, source.answer_field))
+        if q is None or a is None:
+            missing = [f for f, v in ((source.question_field, q), (source.answer_field, a)) if v is None]
+            skips.skip(location, MISSING_FIELD, f"{missing}")
+            return None
+        return Document(text="", source=location, question=q, answer=a, encoding=encoding)
+    text = text_value(field_value(row, source.text_field))
+    if text is None:
+        skips.skip(location, MISSING_FIELD, f"[{source.text_field!r}]")
+        return None
+    if source.kind == "web":
+        return _web_document(location, text, skips, encoding)
+    language = source.languages[0] if source.kind == "code" else None
+    return Document(text=text, source=location, language=language, encoding=encoding)
+
+
+def _web_document(location: str, html: str, skips: SkipLog, encoding: str | None) -> Document | None:
+    text = extract_main_text(html) if "<" in html else html.strip()
+    if not text:
+        skips.skip(location, NO_MAIN_TEXT)
+        return None
+    return Document(text=text, source=location, title=html_title(html), encoding=encoding)
+
+
+def _faq_documents(path: Path, source: SeedSource, skips: SkipLog) -> list[Document]:
+    data = read_file_bytes(path, source, skips)
+    decoded = decode(data, str(path), skips) if data is not None else None
+    if decoded is None:
+        return []
+    pairs = parse_faq_text(numbered_lines(decoded.text, str(path), source, skips), str(path), skips)
+    if not pairs:
+        skips.skip(str(path), NO_FAQ_PAIRS)
+    for d in pairs:
+        d.encoding = decoded.encoding
+    return pairs
+
+
+def file_documents(path: Path, source: SeedSource, skips: SkipLog) -> list[Document]:
+    """The documents of one file of ``source`` (one per record for a file of records)."""
+    name = _suffix(path)
+    if is_record_file(path) or (source.kind == "web_qa" and name.endswith(".json")):
+        encoding = None if name.endswith(".parquet") else "utf-8"
+        return [d for loc, row in iter_rows(path, source, skips)
+                if (d := row_document(loc, row, source, skips, encoding)) is not None]
+    if source.kind == "web_qa":
+        return _faq_documents(path, source, skips)
+    decoded = read_document(path, source, skips, limit_lines=source.kind != "web")
+    if decoded is None:
+        return []
+    if source.kind == "web":
+        doc = _web_document(str(path), decoded.text, skips, decoded.encoding)
+        return [doc] if doc is not None else []
+    if source.kind == "code":
+        if source.skip_generated and is_generated(decoded.text):
+            skips.skip(str(path), GENERATED)
+            return []
+        return [Document(text=decoded.text, source=str(path), title=path.name,
+                         language=code_language(path, source.languages), encoding=decoded.encoding)]
+    return [Document(text=decoded.text, source=str(path), title=path.stem.removesuffix(".txt"),
+                     encoding=decoded.encoding)]
+
+
+def module_documents(source: SeedSource, skips: SkipLog) -> list[Document]:
+    """Documents of the source's Python attribute (kind book)."""
     docs = []
-    files = []
-    for path in expand_paths(source.paths):
-        language = code_language(path, source.languages)
-        if language is None:
-            continue
-        if source.skip_vendored and VENDORED_PARTS.intersection(path.parts[-8:-1]):
-            skips.skip(str(path), "vendored or build folder")
-            continue
-        files.append((path, language))
-    for path, language in files[: source.max_files]:
-        text = read_text(path, source, skips)
-        if text is None:
-            continue
-        if source.skip_generated and is_generated(text):
-            skips.skip(str(path), "generated file")
-            continue
-        docs.append(Document(text=text, source=str(path), title=path.name, language=language))
-    if source.dataset:
-        docs.extend(Document(text=text, source=location, language=source.languages[0])
-                    for location, text in dataset_texts(source, skips))
+    for location, title, text in iter_module_texts(source) if source.module else ():
+        if text.strip():
+            docs.append(Document(text=text, source=location, title=title))
+        else:
+            skips.skip(location, EMPTY_TEXT)
     return docs
 
 
-LOADERS = {"web": load_web, "web_qa": load_web_qa, "code": load_code, "book": load_book}
+def dataset_documents(source: SeedSource, skips: SkipLog) -> list[Document]:
+    """Documents of the source's `datasets` dataset, one per row."""
+    if not source.dataset:
+        return []
+    return [d for loc, row in iter_dataset_rows(source, skips) if (d := row_document(loc, row, source, skips))]
 
 
-def load_documents(source: SeedSource, skips: SkipLog) -> list[Document]:
-    """All documents of one source. A source with no way to read anything is an error."""
+def check_source(source: SeedSource) -> None:
+    """A source with no way to read anything is an error."""
     if not (source.paths or source.dataset or source.module):
         raise SeedSourceError(f"seed source {source.label()}: give `paths`, `dataset` or `module`")
     if source.module and source.kind != "book":
         raise SeedSourceError(f"seed source {source.label()}: `module` is only read for kind 'book'")
-    return LOADERS[source.kind](source, skips)
+
+
+def load_documents(source: SeedSource, skips: SkipLog) -> list[Document]:
+    """All documents of one source, in this process: its module's texts, its files', its dataset's."""
+    check_source(source)
+    docs = module_documents(source, skips)
+    for path in source_files(source, skips):
+        docs.extend(file_documents(path, source, skips))
+    return docs + dataset_documents(source, skips)
