@@ -46,7 +46,6 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -122,35 +121,17 @@ def _plain_trl(model_path: str, records: list[dict], cfg, out_dir: str, tuned: b
     return out
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, str | None]) -> Iterator[None]:
-    """``os.environ`` with these variables set (None: unset) inside the block; what a process spawned in the
-    block starts with."""
-    def apply(values: dict[str, str | None]) -> None:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        apply(env)
-        yield
-    finally:
-        apply(saved)
-
-
 def _plain_trl_fresh_process(model_path: str, records: list[dict], cfg, out_dir: str, tuned: bool) -> dict:
     """``_plain_trl`` in a spawned process: a fresh heap for each run, like our side's Ray Train worker. Tuned:
     the process starts with our CPU worker's environment (one malloc arena); untuned: with no arena setting."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from pipeline.executor import environment
     from pipeline.training.ray_train import cpu_worker_env
 
     env = cpu_worker_env(use_gpu=False) if tuned else {"MALLOC_ARENA_MAX": None}
-    with _environment(env), ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with environment(env), ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_plain_trl, model_path, records, cfg, out_dir, tuned).result()
 
 

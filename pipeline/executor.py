@@ -32,22 +32,34 @@ goes where Ray sends it (the driver's console)."""
 
 
 @contextlib.contextmanager
+def environment(values: dict[str, str | None]):
+    """``os.environ`` with these variables set (None: unset) inside the block, restored after; what this process,
+    the Ray workers it passes them to, and the processes it spawns in the block see."""
+    def apply(settings: dict[str, str | None]) -> None:
+        for key, value in settings.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    saved = {key: os.environ.get(key) for key in values}
+    apply(values)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+@contextlib.contextmanager
 def worker_logs_in(folder: str | os.PathLike | None):
     """Inside the block, workers started by the project write their output under ``folder`` (see
     ``WORKER_LOG_DIR``); None leaves the setting as it is."""
     if folder is None:
         yield
         return
-    saved = os.environ.get(WORKER_LOG_DIR)
     os.makedirs(folder, exist_ok=True)
-    os.environ[WORKER_LOG_DIR] = os.fspath(os.path.abspath(folder))
-    try:
+    with environment({WORKER_LOG_DIR: os.fspath(os.path.abspath(folder))}):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(WORKER_LOG_DIR, None)
-        else:
-            os.environ[WORKER_LOG_DIR] = saved
 
 
 def worker_log_env() -> dict[str, str]:

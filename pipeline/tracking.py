@@ -6,7 +6,7 @@ take ``report_to()`` for their ``TrainingArguments`` (transformers' own integrat
 and ``attach(trainer, name)`` points TensorBoard's writer at ``<tracking dir>/<name>``; ``StageWriter`` writes a
 stage's own figures (per-round DPO figures, eval figures: what ``StageContext.log_metrics`` records) to TensorBoard
 next to them. Outside a run (tests, benchmarks, notebooks) nothing is tracked unless the variables are set.
-This module imports nothing of the project.
+Of the project it imports only ``executor.environment`` (same layer).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from pipeline.executor import environment
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +48,9 @@ def available(trackers: list[str]) -> list[str]:
 def tracking_to(trackers: list[str], folder: str | os.PathLike) -> Iterator[None]:
     """Inside the block, trainers and stages of this process (and the Ray workers started with ``tracking_env``)
     report to ``trackers``, TensorBoard under ``folder``."""
-    saved = {k: os.environ.get(k) for k in (REPORT_TO_ENV, TRACKING_DIR_ENV)}
-    os.environ[REPORT_TO_ENV] = ",".join(available(trackers))
-    os.environ[TRACKING_DIR_ENV] = os.fspath(os.path.abspath(folder))
-    try:
+    with environment({REPORT_TO_ENV: ",".join(available(trackers)),
+                      TRACKING_DIR_ENV: os.fspath(os.path.abspath(folder))}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def tracking_env() -> dict[str, str]:

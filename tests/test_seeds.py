@@ -225,3 +225,12 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path):
     assert metrics["duplicates_exact"] >= len(single)
     assert metrics["duplicates_near"] >= 1
     assert {r["id"] for r in records} == {r["id"] for r in single}
+
+
+def test_record_size_limit_counts_utf8_bytes_of_nested_text():
+    from stages.seeds.records import _too_large
+
+    assert not _too_large({"q": "x" * 10, "a": {"text": ["y" * 10]}}, 100)
+    assert _too_large({"q": "x" * 60, "a": {"text": ["y" * 41]}}, 100)  # nested strings count
+    assert _too_large({"a": ["é" * 30]}, 50)        # 30 characters, 60 bytes
+    assert not _too_large({"a": "é" * 25, "n": 10 ** 9}, 50)  # 50 bytes; numbers are not text

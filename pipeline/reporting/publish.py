@@ -31,14 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.reporting.card import CardConfig, redact, render_card
 from pipeline.reporting.hub_upload import Bundle, HubUploader, PublishError, PublishResult
-from pipeline.reporting.run_stats import (
-    RunDirError,
-    check_run_dir,
-    final_model_dir,
-    quiet_datasets,
-    read_dataset,
-    summarize,
-)
+from pipeline.reporting.run_stats import RunDirError, check_run_dir, read_dataset, summarize
+from pipeline.run.artifacts import final_model_dir
+from pipeline.run.console import library_bars_off
 
 log = logging.getLogger("posttrain.publish")
 
@@ -243,7 +238,7 @@ def build_model_bundle(run_dir: str | Path, out_dir: str | Path, cfg: PublishCon
 def publish(run_dir: str | Path, cfg: PublishConfig, *, token: str | None = None,
             echo: Callable[[str], None] = print) -> PublishResult:
     """Bundle the run and upload it (or only bundle it, with ``cfg.dry_run``). See the module docstring."""
-    with quiet_datasets():
+    with library_bars_off():
         return _publish(run_dir, cfg, token=token, echo=echo)
 
 

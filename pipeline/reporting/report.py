@@ -35,7 +35,6 @@ from pipeline.reporting.plots import (
 )
 from pipeline.reporting.run_stats import (
     RunSummary,
-    quiet_datasets,
     stage_seconds,
     summarize,
 )
@@ -45,6 +44,7 @@ from pipeline.reporting.training_plots import (
     plot_reward_accuracy,
     plot_sft_loss,
 )
+from pipeline.run.console import library_bars_off
 
 
 @dataclass
@@ -186,7 +186,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     """Write the HTML report (default ``RUN_DIR/report/report.html``) and return it with its summary."""
     import jinja2
 
-    with quiet_datasets():
+    with library_bars_off():
         s = summarize(run_dir)
     run_dir = s.run_dir
     data = {name: s.data.get(name) for name in ("answers", "sft", "preferences")}

@@ -9,7 +9,6 @@ The layout is the one fixed in ARCHITECTURE.md (``datasets/<name>/*.parquet``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -113,30 +112,6 @@ def read_dataset(run_dir: Path, name: str):
             f"cannot read dataset {name!r} from {run_dir / 'datasets' / name} ({type(exc).__name__}: {exc}); "
             f"fix: rerun the stage that writes `{name}`"
         ) from exc
-
-
-def final_model_dir(run_dir: Path) -> Path | None:
-    """The last model the run produced (dpo_model, else sft_model), None when there is none."""
-    for name in ("dpo_model", "sft_model"):
-        path = run_dir / "models" / name
-        if (path / "config.json").is_file():
-            return path
-    return None
-
-
-@contextlib.contextmanager
-def quiet_datasets():
-    """Silence ``datasets``' per-call progress bars ("Creating parquet...", "Filter") for the
-    duration: the report and publish commands print their own short lines instead."""
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
 
 
 def _ordered(names: Iterable[str], order: tuple[str, ...]) -> list[str]:

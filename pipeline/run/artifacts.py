@@ -42,6 +42,15 @@ HF_KEY = b"huggingface"
 SPECIAL_DIRS = {"report": "report"}
 
 
+def final_model_dir(run_dir: Path) -> Path | None:
+    """The last model a run produced (models/dpo_model, else models/sft_model), None when there is none."""
+    for name in ("dpo_model", "sft_model"):
+        path = Path(run_dir) / "models" / name
+        if (path / "config.json").is_file():
+            return path
+    return None
+
+
 class ArtifactError(RuntimeError):
     """An artifact is missing or unreadable; the message names the path and the fix."""
 

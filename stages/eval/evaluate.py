@@ -125,11 +125,13 @@ def evaluate_model(model: str, rows: Sequence[dict[str, Any]], max_tokens: int =
 def final_model(target: str | Path) -> str:
     """What `posttrain eval` evaluates: a run directory's final model (``models/dpo_model``, else
     ``models/sft_model``); anything else as given (an embedded name or a model folder)."""
+    from pipeline.run.artifacts import final_model_dir
+
     path = Path(target)
     if not (path / "config.yaml").is_file() or not (path / "models").is_dir():
         return str(target)
-    for name in ("dpo_model", "sft_model"):
-        if (path / "models" / name / "config.json").is_file():
-            return str(path / "models" / name)
+    found = final_model_dir(path)
+    if found is not None:
+        return str(found)
     raise ValueError(f"{path} is a run directory without a finished model (models/dpo_model or models/sft_model); "
                      f"fix: run its sft stage first (posttrain run {path}/config.yaml), or pass a model")

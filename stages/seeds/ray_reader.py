@@ -46,7 +46,7 @@ class Unit:
     part: int | None = None
     """Row group index (row_group)."""
     rows: tuple[int, int] | None = None
-    """First row of the row group (row_group: (first, first)), or the slice [start, end) (dataset)."""
+    """The unit's rows [start, end) of the file (row_group) or of the dataset (dataset)."""
 
 
 def read_units(cfg: SeedsConfig) -> tuple[list[Unit], list[SkipLog]]:
@@ -62,7 +62,7 @@ def read_units(cfg: SeedsConfig) -> tuple[list[Unit], list[SkipLog]]:
             if len(groups) > 1:
                 first = 0
                 for g, n in enumerate(groups):
-                    units.append(Unit(i, "row_group", str(path), g, (first, first)))
+                    units.append(Unit(i, "row_group", str(path), g, (first, first + n)))
                     first += n
             else:
                 units.append(Unit(i, "file", str(path)))
@@ -81,9 +81,8 @@ def unit_documents(unit: Unit, source: SeedSource, skips: SkipLog) -> list[Docum
     if unit.kind == "file":
         return file_documents(Path(unit.path), source, skips)
     if unit.kind == "row_group":
-        encoding = None
         return [d for loc, row in iter_parquet(Path(unit.path), source, skips, unit.part, unit.rows[0])
-                if (d := row_document(loc, row, source, skips, encoding)) is not None]
+                if (d := row_document(loc, row, source, skips)) is not None]
     return [d for loc, row in iter_dataset_rows(source, skips, unit.rows)
             if (d := row_document(loc, row, source, skips)) is not None]
 

@@ -62,17 +62,28 @@ def text_value(value: Any) -> str | None:
     return None
 
 
-def _row_bytes(row: dict[str, Any]) -> int:
-    """Size of a row's text (its string values, nested ones included), in UTF-8 bytes."""
-    def size(v: Any) -> int:
+def _too_large(row: dict[str, Any], limit: int) -> bool:
+    """Whether a row's text (its string values, nested ones included) is over ``limit`` UTF-8 bytes. Runs per record:
+    a string is encoded to count its bytes only when its length alone cannot decide (a character is 1-4 bytes)."""
+    strings: list[str] = []
+
+    def collect(v: Any) -> None:
         if isinstance(v, str):
-            return len(v.encode("utf-8", "surrogatepass"))
-        if isinstance(v, dict):
-            return sum(size(x) for x in v.values())
-        if isinstance(v, list | tuple):
-            return sum(size(x) for x in v)
-        return 0
-    return size(row)
+            strings.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                collect(x)
+
+    collect(row)
+    chars = sum(len(s) for s in strings)
+    if chars > limit:
+        return True
+    if 4 * chars <= limit:
+        return False
+    return sum(len(s.encode("utf-8", "surrogatepass")) for s in strings) > limit
 
 
 def _lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -153,7 +164,7 @@ def iter_parquet(path: Path, source: SeedSource, skips: SkipLog, row_group: int 
             for row in batch.to_pylist():
                 where = f"{path}:row {i}"
                 i += 1
-                if _row_bytes(row) > source.max_document_bytes:
+                if _too_large(row, source.max_document_bytes):
                     skips.skip(where, TOO_LARGE, f"(row over {source.max_document_bytes} bytes)")
                     continue
                 yield where, row
@@ -228,7 +239,7 @@ def iter_dataset_rows(source: SeedSource, skips: SkipLog | None = None,
         start, end = rows
         ds = ds.select(range(start, end))
     for i, row in enumerate(ds, start=start):
-        if skips is not None and _row_bytes(row) > source.max_document_bytes:
+        if skips is not None and _too_large(row, source.max_document_bytes):
             skips.skip(f"{name}:row {i}", TOO_LARGE, f"(row over {source.max_document_bytes} bytes)")
             continue
         yield f"{name}:row {i}", row
