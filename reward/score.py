@@ -1,7 +1,8 @@
 """Batched reward scoring: a scalar-head reward model on Ray actors.
 
-``RewardScorer`` is the plain in-process scorer (one model, batches sorted by length); ``RewardPool``
-holds one scorer per Ray actor and splits a call into chunks over them, results in input order.
+``RewardScorer`` is the plain in-process scorer (one model on one device, batches sorted by length);
+``RewardPool`` holds one scorer per Ray actor (on a CPU, or on a GPU or a share of one) and splits a call into
+chunks over them, results in input order.
 A conversation is scored the way TRL's RewardTrainer trained on it: the chat template applied to the
 whole conversation (prompt + assistant reply), the head read at the last non-pad token.
 """
@@ -12,10 +13,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Conversation = list[dict[str, str]]
+ScoringDtype = Literal["auto", "float32", "bfloat16"]
 
 
 class RewardPoolConfig(BaseModel):
@@ -37,6 +40,50 @@ class RewardPoolConfig(BaseModel):
     """Longest tokenized conversation scored; longer ones keep their last tokens (the head reads the end)."""
     chunk_size: int = Field(64, ge=1)
     """Largest number of conversations sent to one actor per call."""
+    num_gpus_per_worker: float = Field(0, ge=0)
+    """GPUs each actor requests from Ray; above 0 the actor loads the model on its GPU. A fraction shares a GPU
+    between actors (0.5: two actors per GPU). 0: the actors score on CPU."""
+    dtype: ScoringDtype = "auto"
+    """Dtype the model is loaded and run in. auto: bfloat16 on a GPU, float32 on CPU (CPUs without bf16 units
+    emulate it, slowly)."""
+
+
+def torch_dtype(dtype: ScoringDtype, device: Any):
+    """The torch dtype of a model on ``device``: ``dtype`` itself, or for auto bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def actor_options(cfg: RewardPoolConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Ray options of a scoring actor: its CPUs, its GPU request, and the environment (torch threads, ``env``)."""
+    threads = scorer_threads(cfg)
+    return {"num_cpus": cfg.num_cpus_per_worker, "num_gpus": cfg.num_gpus_per_worker,
+            "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
+                                         **(env or {})}}}
+
+
+def scorer_threads(cfg: RewardPoolConfig) -> int:
+    """Torch threads of a scoring actor: ``num_threads``, or its reserved CPUs (at least 1)."""
+    return cfg.num_threads or max(1, int(cfg.num_cpus_per_worker))
+
+
+def scorer_device(cfg: RewardPoolConfig) -> str:
+    """Where an actor's model lives: its GPU when it requests one, else the CPU."""
+    return "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
+
+
+def batch_tensors(rows: Sequence[Sequence[int]], pad_id: int, device: Any):
+    """``input_ids`` and ``attention_mask`` of token rows, right-padded to the longest, created on ``device``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = [list(r) + [pad_id] * (width - len(r)) for r in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    return (torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(mask, dtype=torch.long, device=device))
 
 
 def conversation(prompt: Sequence[dict[str, str]], completion: str) -> Conversation:
@@ -45,10 +92,11 @@ def conversation(prompt: Sequence[dict[str, str]], completion: str) -> Conversat
 
 
 class RewardScorer:
-    """A sequence-classification reward model (num_labels=1) in this process."""
+    """A sequence-classification reward model (num_labels=1) in this process, on ``device`` (default the CPU)
+    in ``dtype`` (``torch_dtype``: auto is bfloat16 on a GPU, float32 on CPU)."""
 
     def __init__(self, model_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, device: str = "cpu", dtype: ScoringDtype = "auto"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -57,8 +105,13 @@ class RewardScorer:
         path = resolve_model(model_path)
         if num_threads:
             torch.set_num_threads(num_threads)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"reward scorer: device {device!r} asked for, but torch sees no CUDA device "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); fix: set "
+                               "num_gpus_per_worker to 0 (stages.dpo.reward, stages.reward.scoring) on a cluster without GPUs")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype(dtype, device), device_map={"": device}).eval()
         if self.model.config.num_labels != 1:
             raise ModelError(
                 f"{path}: a reward model needs one output (num_labels=1), this one has "
@@ -87,27 +140,23 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            width = max(len(ids[i]) for i in idx)
-            batch = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                batch[row, :len(ids[i])] = torch.tensor(ids[i])
-                mask[row, :len(ids[i])] = 1
+            batch, mask = batch_tensors([ids[i] for i in idx], pad, self.model.device)
             with torch.inference_mode():
                 logits = self.model(input_ids=batch, attention_mask=mask).logits[:, 0]
-            for row, i in enumerate(idx):
-                out[i] = float(logits[row])
+            for i, value in zip(idx, logits.float().cpu().tolist(), strict=True):
+                out[i] = value
         return out
 
 
 class _ScorerActor:
     """Wrapped with ray.remote by RewardPool."""
 
-    def __init__(self, model_path: str, batch_size: int, max_length: int, num_threads: int):
+    def __init__(self, model_path: str, cfg: RewardPoolConfig):
         from pipeline.executor import log_worker_output
 
         log_worker_output("reward-scorer")
-        self.scorer = RewardScorer(model_path, batch_size=batch_size, max_length=max_length, num_threads=num_threads)
+        self.scorer = RewardScorer(model_path, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                   num_threads=scorer_threads(cfg), device=scorer_device(cfg), dtype=cfg.dtype)
 
     def score(self, convs: list[Conversation]) -> list[float]:
         return self.scorer.score(convs)
@@ -128,13 +177,8 @@ class RewardPool:
         self.config = cfg = config or RewardPoolConfig()
         self.model_path = str(resolve_model(model_path))
         ensure_ray()
-        threads = cfg.num_threads or max(1, int(cfg.num_cpus_per_worker))
-        actor_cls = ray.remote(_ScorerActor).options(
-            num_cpus=cfg.num_cpus_per_worker,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
-                                      **worker_log_env()}})
-        self.actors = [actor_cls.remote(self.model_path, cfg.batch_size, cfg.max_length, threads)
-                       for _ in range(cfg.num_workers)]
+        actor_cls = ray.remote(_ScorerActor).options(**actor_options(cfg, worker_log_env()))
+        self.actors = [actor_cls.remote(self.model_path, cfg) for _ in range(cfg.num_workers)]
         try:
             ray.get([a.pid.remote() for a in self.actors])
         except Exception as exc:

@@ -15,13 +15,13 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.records import PAIR_FIELDS
 from pipeline.tracking import attach, report_to
-from reward.score import RewardPoolConfig
+from reward.score import RewardPoolConfig, ScoringDtype
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,20 @@ class RewardModelConfig(BaseModel):
     """Pulls rewards towards zero mean (TRL's option): keeps scores on a stable scale across runs."""
     seed: int = 0
     """Seed of the head's initialization and of the data order."""
+    num_gpus: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
+    """GPUs the training task requests from Ray: 0 trains on CPU; above 0 (a fraction shares a GPU) on the GPU
+    Ray assigns (TRL's RewardTrainer trains in one process on one device, so at most 1). auto: 1 when the Ray
+    cluster has GPUs, else 0."""
+    dtype: ScoringDtype = "auto"
+    """Training precision. auto or bfloat16: bf16 mixed precision when training on a GPU; float32 on CPU either
+    way (CPUs without bf16 units emulate it, slowly). float32: float32 everywhere."""
     scoring: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
     """Ray actors that score with the model (the DPO stage uses the same settings)."""
 
 
+def uses_bf16(dtype: ScoringDtype, cuda: bool) -> bool:
+    """Whether reward training runs in bf16 mixed precision: on a CUDA device unless ``dtype`` is float32."""
+    return cuda and dtype != "float32"
 
 
 def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict[str, str]]:
@@ -205,8 +215,9 @@ def train_reward_model(train_pairs: Sequence[dict], cfg: RewardModelConfig, outp
             warmup_steps=cfg.warmup_ratio, max_length=cfg.max_length, seed=cfg.seed,
             center_rewards_coefficient=cfg.center_rewards_coefficient,
             # CPU facts (PLATFORM.md): CPUs without bf16 units run float32 faster; checkpointing only costs
-            # time at these sizes.
-            bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+            # time at these sizes. On a GPU: bf16 autocast over the float32 weights.
+            bf16=uses_bf16(cfg.dtype, torch.cuda.is_available()), use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=False,
             logging_steps=1, save_strategy="no", report_to=report_to(), disable_tqdm=True,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,

@@ -12,6 +12,7 @@ The source items the model trained on (``pipeline.records.pair_items``) are writ
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -99,17 +100,16 @@ def _fmt(value: float | None) -> str:
 
 
 def _train_in_own_process(train: list[dict], cfg: RewardModelConfig, out: Path) -> tuple[dict, list]:
-    """Train in a Ray worker process that exits afterwards (``max_calls=1``).
+    """Train in a Ray worker process that exits afterwards (``max_calls=1``), on the GPU the task requests
+    (``train_task_options``; none on a CPU cluster).
 
     Trained in the driver, the freed optimizer and activation memory stays in the driver's heap (glibc does not
     hand it back), and the online DPO stage that follows, which trains the policy in the driver next to its
     engines, ran out of memory on a 24 GiB machine.
     """
-    import os
-
     import ray
 
-    from pipeline.executor import worker_log_env
+    from pipeline.executor import cluster_has_gpus, worker_log_env
     from pipeline.tracking import tracking_env
 
     def train_task(train, cfg, out):
@@ -124,12 +124,19 @@ def _train_in_own_process(train: list[dict], cfg: RewardModelConfig, out: Path) 
         trained = train_reward_model(train, cfg, out, log_metrics=lambda row, step: rows.append((row, step)))
         return trained, rows
 
-    threads = str(len(os.sched_getaffinity(0)))  # Ray would pin torch to the task's 1 reserved CPU
-    task = ray.remote(num_cpus=1, max_calls=1, max_retries=0,
-                      runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-                                                **worker_log_env(), **tracking_env()}})(
-        train_task)
+    gpus = cluster_has_gpus() if cfg.num_gpus == "auto" else False
+    options = train_task_options(cfg, gpus, {**worker_log_env(), **tracking_env()})
+    task = ray.remote(**options)(train_task)
     return ray.get(task.remote(train, cfg, str(Path(out).resolve())))
+
+
+def train_task_options(cfg: RewardModelConfig, cluster_gpus: bool, env: dict[str, str]) -> dict:
+    """Ray options of the training task: 1 CPU, ``cfg.num_gpus`` GPUs (auto: 1 when ``cluster_gpus``, the Ray
+    cluster has GPUs, else 0), a process of its own (``max_calls=1``), no retry, and ``env``."""
+    num_gpus = (1.0 if cluster_gpus else 0.0) if cfg.num_gpus == "auto" else float(cfg.num_gpus)
+    threads = str(len(os.sched_getaffinity(0)))  # Ray would pin torch to the task's 1 reserved CPU
+    return {"num_cpus": 1, "num_gpus": num_gpus, "max_calls": 1, "max_retries": 0,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false", **env}}}
 
 
 def _make_stage():

@@ -39,12 +39,16 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "configs" / "cluster"
 
 # What each file must resolve to. `arch` is the policy's architecture (its config.json `architectures`),
-# `gpus` the cluster its header declares.
+# `gpus` the cluster its header declares; `dpo_workers` the Ray Train FSDP2 workers of the dpo stage (1 GPU each),
+# `scoring` (actors, GPUs per actor) of the reward model in both the reward and the dpo stage, `reward_gpus` the
+# GPU of the reward model's training task.
 EXPECTED = {
     "qwen-moe.yaml": dict(arch="Qwen3MoeForCausalLM", policy_tp=2, policy_workers=3, strategy="deepspeed_zero3",
-                          sft_workers=15, gpus=16),
+                          sft_workers=16, gpus=16, dpo_workers=8, dpo_cpus=8, scoring=(4, 0.5), reward_gpus=1,
+                          kl_samples=256),
     "hunyuan-a13b.yaml": dict(arch="HunYuanMoEV1ForCausalLM", policy_tp=4, policy_workers=4, strategy="fsdp",
-                              sft_workers=31, gpus=32),
+                              sft_workers=32, gpus=32, dpo_workers=14, dpo_cpus=8, scoring=(4, 0.5), reward_gpus=1,
+                              kl_samples=256),
 }
 FILES = sorted(EXPECTED)
 
@@ -95,8 +99,24 @@ def test_cluster_config_resolves_to_a_multi_gpu_run(name):
     dist = sft.distributed
     assert (dist.backend, dist.strategy, dist.use_gpu, dist.num_workers) == \
         ("ray", want["strategy"], True, want["sft_workers"])
-    assert cfg.stage_config("dpo").pool_role == "policy"
     assert cfg.stage_config("reward").scoring.num_workers > 1
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_cluster_config_trains_dpo_and_scores_rewards_on_gpus(name):
+    want = EXPECTED[name]
+    cfg = _load(name)
+    dpo = cfg.stage_config("dpo")
+    assert dpo.pool_role == "policy"
+    assert (dpo.dtype, dpo.gradient_checkpointing, dpo.kl_samples, dpo.lora) == \
+        ("bfloat16", True, want["kl_samples"], None)
+    d = dpo.distributed
+    assert (d.backend, d.strategy, d.use_gpu, d.num_workers, d.cpus_per_worker) == \
+        ("ray", "fsdp2", True, want["dpo_workers"], want["dpo_cpus"])
+    reward = cfg.stage_config("reward")
+    assert (reward.num_gpus, reward.dtype) == (want["reward_gpus"], "bfloat16")
+    for scoring in (dpo.reward, reward.scoring):
+        assert (scoring.num_workers, scoring.num_gpus_per_worker, scoring.dtype) == (*want["scoring"], "bfloat16")
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -120,15 +140,62 @@ def test_cluster_config_is_larger_than_the_embedded_default(name):
         cfg.stage_config("seeds").max_seeds
 
 
-def _pack(items: list[int], nodes: int, per_node: int) -> bool:
+def _pack(items: list[float], nodes: int, per_node: int) -> bool:
     """First-fit decreasing: every item (GPUs that must share one node) placed on some node."""
-    free = [per_node] * nodes
+    free = [float(per_node)] * nodes
     for size in sorted(items, reverse=True):
         slot = next((i for i, f in enumerate(free) if f >= size), None)
         if slot is None:
             return False
         free[slot] -= size
     return True
+
+
+def _engine_groups(pool) -> list[int]:
+    """GPUs of each engine of a pool (one TP group each, STRICT_PACKed on one node); none for a CPU pool."""
+    return [pool.tensor_parallel_size] * pool.num_workers if pool.device != "cpu" else []
+
+
+def _scoring_gpus(scoring) -> list[float]:
+    """GPUs of each reward scoring actor, from the options ``RewardPool`` gives them."""
+    from reward.score import actor_options
+
+    return [actor_options(scoring)["num_gpus"]] * scoring.num_workers
+
+
+def gpu_demand(cfg) -> dict[str, list[float]]:
+    """GPUs each stage holds at once, per placement unit (an engine's TP group, a training worker, a scoring
+    actor, the reward model's training task), by the rules the stages follow:
+
+    - generate .. filter: every pool (roles configured alike share one, as ``pipeline.run.runner.PoolManager``
+      does) stays up until sft releases the engines;
+    - sft: one GPU per Ray Train worker;
+    - reward: the training task (``stages.reward.train_task_options``, on a cluster with GPUs), then, once it
+      has finished, the scoring actors of the held-out accuracy;
+    - dpo: the engines of ``pool_role`` (and of ``judge_role``) + one GPU per Ray Train worker + the scoring actors.
+
+    The driver holds no GPU.
+    """
+    from stages.reward import train_task_options
+
+    pools = {p.model_dump_json(): p for p in cfg.models.values()}
+    sft, reward, dpo = cfg.stage_config("sft").distributed, cfg.stage_config("reward"), cfg.stage_config("dpo")
+    engines = _engine_groups(cfg.models[dpo.pool_role])
+    if dpo.judge_role:
+        engines += _engine_groups(cfg.models[dpo.judge_role])
+    trainers = [1] * dpo.distributed.num_workers if dpo.distributed.use_gpu is not False else []
+    return {
+        "filter": [g for p in pools.values() for g in _engine_groups(p)],
+        "sft": [1] * sft.num_workers if sft.use_gpu is not False and sft.num_workers != "auto" else [],
+        "reward_train": [train_task_options(reward, cluster_gpus=True, env={})["num_gpus"]],
+        "reward_scoring": _scoring_gpus(reward.scoring),
+        "dpo": engines + trainers + _scoring_gpus(dpo.reward),
+    }
+
+
+def over_the_cluster(cfg, gpus: int) -> list[str]:
+    """The stages whose GPUs (``gpu_demand``) exceed the cluster's ``gpus``, with their counts."""
+    return [f"{stage}: {sum(units):g} GPUs > {gpus}" for stage, units in gpu_demand(cfg).items() if sum(units) > gpus]
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -139,25 +206,50 @@ def test_cluster_config_fits_the_cluster_its_header_declares(name):
     nodes, per_node = map(int, re.search(r"(\d+) nodes x (\d+) GPUs", header).groups())
     assert nodes * per_node == want["gpus"]
 
-    # Pools are keyed by their settings (roles configured alike share one, as pipeline.run.runner.PoolManager
-    # does) and all stay up from generate through filter. Each engine's TP group is STRICT_PACKed on one
-    # node; the driver (`ray job submit --entrypoint-num-gpus 1`) holds one more GPU.
+    demand = gpu_demand(cfg)
+    assert over_the_cluster(cfg, want["gpus"]) == []
+    for stage, units in demand.items():
+        assert _pack(units, nodes, per_node), stage
     pools = {p.model_dump_json(): p for p in cfg.models.values()}
-    groups = [p.tensor_parallel_size for p in pools.values() for _ in range(p.num_workers)]
-    assert sum(groups) + 1 <= want["gpus"]
-    assert _pack(groups + [1], nodes, per_node)
     assert len(pools) < len(cfg.models)  # instruct and critic share one pool
-    # Ray Train asks one GPU per worker once the engines are released; the driver keeps its GPU.
-    assert cfg.stage_config("sft").distributed.num_workers + 1 <= want["gpus"]
+    # dpo uses the whole cluster: policy engines + FSDP2 workers + scoring actors.
+    policy = cfg.models["policy"]
+    engines = policy.num_workers * policy.tensor_parallel_size
+    scoring = want["scoring"][0] * want["scoring"][1]
+    assert sum(demand["dpo"]) == engines + want["dpo_workers"] + scoring == want["gpus"]
+    assert demand["reward_train"] == [want["reward_gpus"]]
+    assert demand["reward_scoring"] == [want["scoring"][1]] * want["scoring"][0]
+    assert demand["sft"] == [1] * want["sft_workers"]
 
     # The header's per-stage resource lines say what the values say.
-    policy = cfg.models["policy"]
-    assert f"{policy.num_workers} engines x TP {policy.tensor_parallel_size} = " \
-           f"{policy.num_workers * policy.tensor_parallel_size} GPUs" in header
+    assert f"{policy.num_workers} engines x TP {policy.tensor_parallel_size} = {engines} GPUs" in header
     assert f"{want['sft_workers']} workers x (1 GPU + {cfg.stage_config('sft').distributed.cpus_per_worker:g} CPUs)" \
         in header
-    assert f"{sum(groups)} GPUs held" in header
+    assert f"{sum(demand['filter'])} GPUs held" in header
+    assert f"a Ray task with {want['reward_gpus']} GPU trains" in header
+    assert f"policy pool again ({engines} GPUs, SFT weights synced in) + Ray Train: {want['dpo_workers']} FSDP2 " \
+           f"workers x (1 GPU + {want['dpo_cpus']:g} CPUs)" in header
+    n, g = want["scoring"]
+    assert header.count(f"{n} scoring actors x {g:g} GPU ({scoring:g} GPUs)") == 2  # reward and dpo
+    assert f"({scoring:g} GPUs) = {want['gpus']} GPUs" in header
     assert want["arch"].removesuffix("ForCausalLM") in header
+    # Nothing needs a GPU in the driver any more, and dpo runs.
+    assert "--entrypoint-num-gpus" not in header and "driver GPU" not in header
+    assert "stop after the reward model" not in header and "graph=[" not in header
+
+
+@pytest.mark.parametrize("override,stage", [
+    ("stages.dpo.distributed.num_workers=9", "dpo"),
+    ("stages.dpo.reward.num_gpus_per_worker=1", "dpo"),
+    ("models.policy.num_workers=4", "dpo"),
+    ("stages.reward.scoring.num_workers=40", "reward_scoring"),
+    ("stages.sft.distributed.num_workers=17", "sft"),
+])
+def test_a_config_over_the_cluster_is_caught(override, stage):
+    """The computation the fit test relies on does fail: one setting raised past the 16 GPUs of qwen-moe."""
+    cfg = _load("qwen-moe.yaml", [override])
+    [problem] = over_the_cluster(cfg, EXPECTED["qwen-moe.yaml"]["gpus"])
+    assert problem.startswith(f"{stage}: ")
 
 
 @pytest.mark.parametrize("name", [n for n in FILES if EXPECTED[n]["strategy"] == "fsdp"])

@@ -102,3 +102,123 @@ def test_trivially_separable_pairs_and_accuracy_per_group():
     assert (acc["eval_accuracy_builtin"], acc["eval_pairs_builtin"]) == (0.5, 2)
     assert (acc["eval_accuracy_filter_pairs"], acc["eval_pairs_filter"]) == (1.0, 1)
     assert (acc["eval_accuracy_nontrivial"], acc["eval_pairs_nontrivial"]) == (0.5, 2)
+
+
+# -- GPU settings (checked on CPU: only the options built and the devices of the tensors) --------------------------
+
+def test_gpu_and_dtype_settings_validate():
+    from pydantic import ValidationError
+
+    from reward.train import RewardModelConfig
+
+    pool = RewardPoolConfig()
+    assert (pool.num_gpus_per_worker, pool.dtype) == (0, "auto")  # CPU stays the default
+    assert RewardPoolConfig(num_gpus_per_worker=0.5, dtype="bfloat16").num_gpus_per_worker == 0.5
+    for bad in ({"num_gpus_per_worker": -1}, {"dtype": "float16"}):
+        with pytest.raises(ValidationError):
+            RewardPoolConfig(**bad)
+    assert RewardModelConfig().num_gpus == "auto" and RewardModelConfig(num_gpus=0.5).num_gpus == 0.5
+    for bad in ({"num_gpus": 2}, {"num_gpus": -1}, {"num_gpus": "all"}, {"dtype": "fp16"}):
+        with pytest.raises(ValidationError):
+            RewardModelConfig(**bad)
+
+
+def test_dtype_follows_the_device():
+    import torch
+
+    from reward.score import torch_dtype
+    from reward.train import uses_bf16
+
+    assert torch_dtype("auto", "cpu") == torch.float32 and torch_dtype("auto", "cuda") == torch.bfloat16
+    assert torch_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    assert torch_dtype("float32", "cuda") == torch.float32 and torch_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert uses_bf16("auto", cuda=True) and uses_bf16("bfloat16", cuda=True)
+    assert not uses_bf16("float32", cuda=True) and not uses_bf16("auto", cuda=False)  # CPU trains in float32
+
+
+def test_scoring_actors_request_their_gpus():
+    """The options ``RewardPool`` gives its actors; Ray validates them (no GPU needed to build them)."""
+    import ray
+
+    from reward.score import _ScorerActor, actor_options, scorer_device
+
+    cpu = RewardPoolConfig(num_cpus_per_worker=2)
+    assert actor_options(cpu)["num_gpus"] == 0 and scorer_device(cpu) == "cpu"
+    assert actor_options(cpu)["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    gpu = RewardPoolConfig(num_gpus_per_worker=0.5, dtype="bfloat16")
+    opts = actor_options(gpu, {"EXTRA": "1"})
+    assert (opts["num_cpus"], opts["num_gpus"], scorer_device(gpu)) == (1.0, 0.5, "cuda")
+    assert opts["runtime_env"]["env_vars"]["EXTRA"] == "1"
+    ray.remote(_ScorerActor).options(**opts)  # accepted by Ray as actor options
+
+
+def test_reward_training_task_requests_the_gpu_it_trains_on():
+    import ray
+
+    from reward.train import RewardModelConfig
+    from stages.reward import train_task_options
+
+    auto = RewardModelConfig()
+    assert train_task_options(auto, cluster_gpus=True, env={})["num_gpus"] == 1
+    assert train_task_options(auto, cluster_gpus=False, env={})["num_gpus"] == 0
+    assert train_task_options(RewardModelConfig(num_gpus=0), cluster_gpus=True, env={})["num_gpus"] == 0
+    opts = train_task_options(RewardModelConfig(num_gpus=0.5), cluster_gpus=False, env={"EXTRA": "1"})
+    assert (opts["num_cpus"], opts["num_gpus"], opts["max_calls"]) == (1, 0.5, 1)
+    assert opts["runtime_env"]["env_vars"]["EXTRA"] == "1"
+    ray.remote(**opts)(lambda: None)  # accepted by Ray as task options
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_batches_are_built_on_the_given_device(device):
+    from reward.score import batch_tensors
+
+    ids, mask = batch_tensors([[5, 6, 7], [8]], pad_id=0, device=device)
+    assert ids.device.type == device and mask.device.type == device
+    if device == "cpu":
+        assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def random_head_reward_model(embedded_models, tmp_path_factory):
+    """The tiny dense model with a random scalar head (no training: only shapes and devices matter here)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rm") / "random_head"
+    AutoModelForSequenceClassification.from_pretrained(embedded_models["tiny-dense"], num_labels=1).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_models["tiny-dense"]).save_pretrained(path)
+    return path
+
+
+def test_scorer_sends_inputs_to_the_models_device(random_head_reward_model):
+    """The model is moved to ``meta`` (standing in for a GPU): every input of its forward must be there too."""
+    import torch
+
+    convs = [conversation([{"role": "user", "content": "q" * n}], "answer") for n in (1, 30, 5)]
+    scorer = RewardScorer(random_head_reward_model, batch_size=2)
+    assert scorer.model.dtype == torch.float32 and scorer.model.device.type == "cpu"
+    scores = scorer.score(convs)
+    assert scores == pytest.approx(RewardScorer(random_head_reward_model, batch_size=1).score(convs), abs=1e-4)
+    assert RewardScorer(random_head_reward_model, dtype="bfloat16").model.dtype == torch.bfloat16
+
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def record(module, args, kwargs):
+        seen.extend(t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        raise Reached
+
+    scorer.model.to("meta")
+    scorer.model.register_forward_pre_hook(record, with_kwargs=True)
+    with pytest.raises(Reached):
+        scorer.score(convs)
+    assert seen and set(seen) == {"meta"}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_scorer_on_cuda_without_a_gpu_says_what_to_fix(random_head_reward_model):
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device.*num_gpus_per_worker to 0"):
+        RewardScorer(random_head_reward_model, device="cuda")

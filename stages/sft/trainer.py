@@ -4,7 +4,8 @@ the LoRA config, and TRL's SFTTrainer with the MoE settings over the phase's rec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,32 @@ def training_args(cfg: SFTStageConfig, spec: dict, out_dir: Path, bf16: bool, ma
 
 
 def load_model(path: str, dtype_name: str):
-    """The causal LM at ``path`` in ``dtype_name`` (bfloat16 or float32)."""
+    """The causal LM at ``path`` in ``dtype_name`` (bfloat16 or float32).
+
+    With strategy deepspeed_zero3, call it while the phase's training arguments are alive: transformers then loads
+    the weights partitioned across the workers (``deepspeed.zero.Init``, a collective call of every worker).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+@contextmanager
+def unpartitioned_load() -> Iterator[None]:
+    """Model loads in this block are plain full loads even while ZeRO-3 training arguments exist (for a load that
+    only one process makes, where the collective ``deepspeed.zero.Init`` would wait for the others forever)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter of this weakref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        config = ref() if ref is not None else None
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def lora_config(lora: LoraSettings | None):

@@ -23,7 +23,7 @@ from stages.sft.config import SFTPhase, SFTStageConfig
 from stages.sft.measures import Throughput, dropout_check, heldout_nll, jsonl_log_callback
 from stages.sft.records import SFTDataError, lr_windows, phase_records, read_splits
 from stages.sft.template import training_chat_template
-from stages.sft.trainer import load_model, lora_config, make_sft_trainer, training_args
+from stages.sft.trainer import load_model, lora_config, make_sft_trainer, training_args, unpartitioned_load
 
 
 @dataclass
@@ -127,12 +127,15 @@ def _train_phase(run: WorkerRun, k: int, phase: SFTPhase, records: list[dict], m
     cfg, seed = run.cfg, run.seed + k
     phase_dir = run.work / "phases" / str(k)
     torch.manual_seed(seed)
+    # The training arguments first: with strategy deepspeed_zero3 they hold transformers' ZeRO-3 context, which
+    # must exist when the model loads so that `from_pretrained` partitions the weights across the workers
+    # (`deepspeed.zero.Init`) instead of every worker loading a full copy.
+    args = training_args(cfg, run.spec, phase_dir / "trainer", run.bf16, cfg.max_steps_per_phase, seed)
+    args.num_train_epochs = phase.epochs
     model = load_model(model_in, run.dtype_name)
     text_cfg = model.config.get_text_config()
     saved_config = {key: getattr(text_cfg, key) for key in ("output_router_logits", "router_aux_loss_coef")
                     if hasattr(text_cfg, key)}
-    args = training_args(cfg, run.spec, phase_dir / "trainer", run.bf16, cfg.max_steps_per_phase, seed)
-    args.num_train_epochs = phase.epochs
     clock = Throughput()
     trainer = make_sft_trainer(model, run.tokenizer, records, cfg, args, run.windows[k], lora_config(cfg.lora),
                                callbacks=[jsonl_log_callback(run.work / "train_log.jsonl", k), clock.callback])
@@ -236,8 +239,9 @@ def save_phase(trainer, run: WorkerRun, model_in: str, out: Path, saved_config: 
         if run.is_main:
             from peft import PeftModel
 
-            merged = PeftModel.from_pretrained(load_model(model_in, str(base.dtype).removeprefix("torch.")),
-                                               str(adapter)).merge_and_unload()
+            with unpartitioned_load():  # only this process loads: ZeRO-3's collective zero.Init would hang
+                merged = PeftModel.from_pretrained(load_model(model_in, str(base.dtype).removeprefix("torch.")),
+                                                   str(adapter)).merge_and_unload()
             for key, value in saved_config.items():
                 setattr(merged.config.get_text_config(), key, value)
             merged.save_pretrained(tmp)
