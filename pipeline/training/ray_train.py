@@ -62,17 +62,14 @@ def resolve_scaling(num_workers: int | Literal["auto"], use_gpu: bool | Literal[
     return max(1, workers), gpu
 
 
-def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) -> Any:
-    """Run ``worker(config)`` on every worker of a Ray Train job; returns what rank 0's call returned.
-
-    A failure on a worker raises RuntimeError naming the job and the worker's own exception (type and message).
-    """
+def _torch_trainer(worker: Callable[[dict], Any], config: dict, job: TrainJob, result_path: Path | None,
+                   timeout_s: int | None = None):
+    """Ray Train's TorchTrainer running ``worker(config)`` on every worker of ``job``; rank 0 writes its return
+    value to ``result_path`` (when given). ``timeout_s``: of the workers' process-group operations (Ray's default
+    when None)."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray()
-    result_path = Path(job.work_dir) / job.result_file
-    result_path.unlink(missing_ok=True)
     nice = job.worker_nice
 
     def loop(loop_config: dict) -> None:
@@ -83,19 +80,31 @@ def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) ->
         if nice is not None:
             renice_threads(nice)
         out = worker(loop_config)
-        if ray.train.get_context().get_world_rank() == 0:
+        if result_path is not None and ray.train.get_context().get_world_rank() == 0:
             atomic_write_json(result_path, out)
 
     resources = {"CPU": job.cpus_per_worker}
     if job.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop, train_loop_config=config,
+        torch_config=TorchConfig(timeout_s=timeout_s) if timeout_s else None,
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(storage_path=storage_uri(job.storage_path, Path(job.work_dir)), name=job.name,
                              worker_runtime_env={"env_vars": {**cpu_worker_env(job.use_gpu), **worker_log_env(),
                                                                 **tracking_env()}}),
     )
+
+
+def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) -> Any:
+    """Run ``worker(config)`` on every worker of a Ray Train job; returns what rank 0's call returned.
+
+    A failure on a worker raises RuntimeError naming the job and the worker's own exception (type and message).
+    """
+    ensure_ray()
+    result_path = Path(job.work_dir) / job.result_file
+    result_path.unlink(missing_ok=True)
+    trainer = _torch_trainer(worker, config, job, result_path)
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train wraps the worker's exception; surface its message
@@ -106,6 +115,35 @@ def run_train_job(worker: Callable[[dict], Any], config: dict, job: TrainJob) ->
     if not result_path.exists():
         raise RuntimeError(f"{job.name} Ray Train job ended without writing {result_path}; see the worker log above")
     return json.loads(result_path.read_text())
+
+
+class BackgroundTrainJob:
+    """A Ray Train job whose ``fit()`` runs in a thread of this process, for workers that serve requests while
+    the caller goes on (the online DPO rounds). ``error`` is the worker's own exception once the job failed."""
+
+    def __init__(self, worker: Callable[[dict], Any], config: dict, job: TrainJob, timeout_s: int | None = None):
+        import threading
+
+        ensure_ray()
+        self.name = job.name
+        self.error: BaseException | None = None
+        self._trainer = _torch_trainer(worker, config, job, None, timeout_s)
+        self._thread = threading.Thread(target=self._fit, name=f"ray-train-{job.name}", daemon=True)
+        self._thread.start()
+
+    def _fit(self) -> None:
+        try:
+            result = self._trainer.fit()
+            if result.error is not None:
+                self.error = result.error
+        except Exception as exc:  # noqa: BLE001 - kept for the caller, who raises it with context
+            self.error = worker_exception(exc)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
 
 def worker_exception(exc: BaseException) -> BaseException:

@@ -140,11 +140,11 @@ def run(ctx) -> None:
         try:
             result = online_dpo(sft_path, pool, scorer, train_p, eval_p, offline, sft_rows, cfg, work,
                                 seed=ctx.seed, log_metrics=lambda m, r: ctx.log_metrics(m, step=r),
-                                on_round=lambda r, m: bar.advance(1), judge=judge)
+                                on_round=lambda r, m: bar.advance(1), judge=judge,
+                                export_dir=ctx.output_path("dpo_model"))
         finally:
             bar.close()
             ctx.release_pools()  # their engines now hold trained weights, not their role's model
-    save_policy(result, sft_path, ctx.output_path("dpo_model"))
     ctx.write("online_pairs", result.pairs)
     ctx.metrics.update(manifest_metrics(result, cfg))
 

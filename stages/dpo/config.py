@@ -11,6 +11,42 @@ from pipeline.run.stage import ModelRole, OptionalModelRole
 from pipeline.training.moe_config import MoETrainingConfig
 from reward.score import RewardPoolConfig
 from stages.dpo.losses import DpoLossType
+from stages.sft.config import LoraSettings
+
+
+class DpoDistributedSettings(BaseModel):
+    """Where the rounds' training runs: in the driver process (TRL's DPOTrainer) or as one Ray Train job that
+    keeps the policy and its reference loaded across rounds (``stages/dpo/cluster``)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    backend: Literal["local", "ray"] = "local"
+    """local: train in the driver process (one device). ray: a Ray Train job of `num_workers` workers (gloo on
+    CPU, NCCL on GPU), started once for the stage; the driver sends it each round's pairs."""
+    num_workers: int = Field(1, ge=1)
+    """Training workers of the Ray Train job (one process, and on GPU one GPU, each)."""
+    strategy: Literal["fsdp2", "deepspeed_zero3", "none"] = "fsdp2"
+    """How the workers share the model: fsdp2 (``torch.distributed.fsdp.fully_shard`` per decoder layer: weights,
+    gradients and optimizer state sharded), deepspeed_zero3 (not implemented for DPO yet: rejected with the reason)
+    or none (every worker holds the whole model; gradients all-reduced as in DDP)."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """Workers use GPUs. auto: when the Ray cluster has GPUs."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Ray CPUs each worker reserves."""
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU only: torch threads per worker. None: the machine's cores divided among the workers."""
+    max_restarts: int = Field(1, ge=0)
+    """Times the job is started again after a worker died; the round restarts from the last finished round's
+    sharded checkpoint and its saved pairs, and the weight-sync group is rebuilt."""
+    storage_path: str | None = None
+    """Ray Train's run state. None: the stage's work folder (shared storage on a multi-node cluster)."""
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> DpoDistributedSettings:
+        if self.backend == "ray" and self.strategy == "deepspeed_zero3":
+            raise ValueError("dpo.distributed.strategy deepspeed_zero3 is not implemented for online DPO (the round "
+                             "trainer shards with FSDP2); fix: use fsdp2")
+        return self
 
 
 class OnlineDPOConfig(BaseModel):
@@ -97,6 +133,18 @@ class OnlineDPOConfig(BaseModel):
     judge: CritiqueConfig = Field(default_factory=lambda: CritiqueConfig(on_unparseable="drop", max_retries=1))
     """How the judge grades (prompt file, few-shot, retries); an unparseable critique leaves the sample ungraded
     (the judge's figures count only pairs graded on both sides)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the policy and the reference for training. auto: float32 on CPU (CPUs without bf16 units emulate
+    it, slowly), bfloat16 on GPU. The EMA is always kept in float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute): on for long sequences on GPU."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters (the SFT stage's settings) instead of every weight; the reference is then the policy
+    with its adapters disabled (no second copy of the model). The engines receive the merged weights."""
+    kl_samples: int | None = Field(None, ge=1)
+    """Samples per round whose tokens the reference scores for the KL estimate (a seeded subsample); None: all."""
+    distributed: DpoDistributedSettings = Field(default_factory=DpoDistributedSettings)
+    """Where the training of a round runs (driver process, or a Ray Train job with FSDP2)."""
     moe: MoETrainingConfig = Field(
         default_factory=lambda: MoETrainingConfig(attention_dropout=0.0, hidden_dropout=0.0))
     """MoE settings (router aux-loss coefficient, routed-expert LR scale, expert-load logging). Dropout is off

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +17,9 @@ from typing import Any
 from stages.dpo import metrics as M
 from stages.dpo import rollout, state
 from stages.dpo.config import OnlineDPOConfig
-from stages.dpo.ema import init_ema, swapped_weights
+from stages.dpo.ema import swapped_weights
 from stages.dpo.evaluation import held_out_metrics
 from stages.dpo.prompts import round_prompts
-from stages.dpo.trainer import tokenize_replay, train_round
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +30,9 @@ Judge = Callable[[Sequence[dict], Sequence], list]
 @dataclass
 class OnlineDPOResult:
     policy: Any
-    """The trained policy (raw weights)."""
+    """The trained policy (raw weights) of an in-process run; None when the rounds trained on a Ray Train job."""
     ema: dict | None
-    """EMA weights (name -> tensor) when ``ema_decay`` is set."""
+    """EMA weights (name -> tensor) of an in-process run when ``ema_decay`` is set."""
     rounds: list[dict]
     """Per-round metrics, round 1 first (resumed rounds included, read back from their metrics.json)."""
     pairs: list[dict]
@@ -43,41 +41,29 @@ class OnlineDPOResult:
     """Held-out samples of the SFT policy: rewards, tokens, finish reasons, the judge's grades."""
     timings: dict = field(default_factory=dict)
     """Seconds spent outside the rounds, per ``metrics.SETUP_PHASES`` phase."""
+    restarts: int = 0
+    """Times the Ray Train job was started again after a worker died."""
 
 
-@dataclass
-class _Models:
-    """What the rounds train and compare with."""
+def make_round_trainer(sft_path: str, work: Path, done: int, sft_rows: Sequence[dict], cfg: OnlineDPOConfig,
+                       seed: int, test_kill: tuple[int, str] | None = None):
+    """The round trainer of ``cfg.distributed.backend``: ``local.LocalRoundTrainer`` (this process) or
+    ``cluster.job.ClusterRoundTrainer`` (a Ray Train job), resuming after round ``done``."""
+    if cfg.distributed.backend == "local":
+        from stages.dpo.local import LocalRoundTrainer
 
-    tokenizer: Any
-    policy: Any
-    ref_model: Any
-    """The SFT policy, frozen: DPO's reference and the KL's."""
-    ema: dict | None
-    replay: list[dict]
-    """Tokenized SFT rows for the replay term."""
+        return LocalRoundTrainer(sft_path, work, done, sft_rows, cfg)
+    from stages.dpo.cluster.job import CHECKPOINT, ClusterRoundTrainer
 
+    if cfg.sft_replay_coef > 0 and not sft_rows:
+        raise ValueError("dpo.sft_replay_coef > 0 but the `sft` dataset is empty; fix: set dpo.sft_replay_coef: 0 "
+                         "or check the filter stage's output")
 
-def _load_models(sft_path: str, work: Path, done: int, sft_rows: Sequence[dict], cfg: OnlineDPOConfig) -> _Models:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def latest() -> Path | None:
+        r = state.finished_rounds(work)
+        return state.round_dir(work, r) / CHECKPOINT if r else None
 
-    tokenizer = AutoTokenizer.from_pretrained(sft_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(state.start_policy(work, sft_path, done), dtype=torch.float32)
-    ref_model = AutoModelForCausalLM.from_pretrained(sft_path, dtype=torch.float32).eval()
-    for p in ref_model.parameters():
-        p.requires_grad_(False)
-    ema = None
-    if cfg.ema_decay:
-        ema = state.saved_ema(work, done)
-        ema = init_ema(policy) if ema is None else ema
-    replay = tokenize_replay(tokenizer, sft_rows, cfg.max_length) if cfg.sft_replay_coef > 0 else []
-    if cfg.sft_replay_coef > 0 and not replay:
-        raise ValueError("dpo.sft_replay_coef > 0 but the `sft` dataset has no usable conversation; fix: set "
-                         "dpo.sft_replay_coef: 0 or check the filter stage's output")
-    return _Models(tokenizer, policy, ref_model, ema, replay)
+    return ClusterRoundTrainer(cfg, sft_path, sft_rows, work, seed, latest, test_kill=test_kill)
 
 
 def _baseline(pool, scorer, eval_prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int, work: Path,
@@ -92,14 +78,14 @@ def _baseline(pool, scorer, eval_prompts: Sequence[dict], cfg: OnlineDPOConfig, 
     return samples if samples is not None else {"rewards": []}
 
 
-def _round_pairs(r: int, pool, scorer, models: _Models, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
+def _round_pairs(r: int, pool, scorer, trainer, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
                  rdir: Path, clock: M.PhaseClock) -> tuple[list[dict], dict]:
     """The round's pairs and sampling figures: those saved before an interruption, else a fresh rollout."""
     saved = state.saved_pairs(rdir)
     if saved is not None:
         log.info("dpo round %d: reusing its %d pairs from before the interruption", r, len(saved[0]))
         return saved
-    pairs, stats = rollout.rollout_round(pool, scorer, models.ref_model, prompts, cfg, seed, r, clock)
+    pairs, stats = rollout.rollout_round(pool, scorer, trainer.ref_logprobs, prompts, cfg, seed, r, clock)
     state.save_pairs(rdir, pairs, stats)
     return pairs, stats
 
@@ -109,7 +95,7 @@ def _offline_sample(offline_pairs: Sequence[dict], n_online: int, cfg: OnlineDPO
     return random.Random(f"{seed}:{r}").sample(list(offline_pairs), k) if k else []
 
 
-def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
+def _run_round(r: int, pool, scorer, trainer, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], baseline: dict, cfg: OnlineDPOConfig, work: Path,
                seed: int, judge: Judge | None) -> tuple[dict, list[dict]]:
     """One round, from its prompts to its metrics (written last: they mark it finished). Returns
@@ -119,27 +105,26 @@ def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[di
     rdir = state.round_dir(work, r)
     rdir.mkdir(exist_ok=True)
     prompts = round_prompts(train_prompts, r, cfg.prompts_per_round)
-    pairs, stats = _round_pairs(r, pool, scorer, models, prompts, cfg, seed, rdir, clock)
+    pairs, stats = _round_pairs(r, pool, scorer, trainer, prompts, cfg, seed, rdir, clock)
     offline = _offline_sample(offline_pairs, len(pairs), cfg, seed, r)
     train_pairs = pairs + offline
     # Seeded per round (not one generator across rounds), so a resumed round trains exactly as it would have.
     random.Random(f"{seed}:{r}:order").shuffle(train_pairs)
     train_metrics: dict[str, float] = {}
     if train_pairs:
-        with clock("train"), tempfile.TemporaryDirectory(prefix="dpo-trainer-", dir=work) as scratch:
-            train_metrics = train_round(models.policy, models.ref_model, models.tokenizer, train_pairs, models.replay,
-                                        cfg, seed * 1000 + r, scratch, models.ema, tracking_name=f"dpo/round_{r:03d}")
+        with clock("train"):
+            train_metrics = trainer.train(r, train_pairs, seed * 1000 + r)
     else:
         log.warning("dpo round %d: every prompt was a tie and there are no offline pairs; no training", r)
-    with clock("sync"), swapped_weights(models.policy, models.ema):
-        sync = pool.sync_weights(models.policy)
+    with clock("sync"):
+        sync = trainer.sync(pool)
     eval_metrics: dict[str, float] = {}
     if eval_prompts:
         samples = rollout.held_out_samples(pool, scorer, eval_prompts, cfg, seed, clock,
                                            judge=judge if baseline.get("grades") is not None else None)
         eval_metrics = held_out_metrics(eval_prompts, samples, baseline, cfg.eval_samples)
     with clock("checkpoint"):
-        state.save_checkpoint(rdir, models.policy, models.tokenizer, models.ema)
+        trainer.checkpoint(rdir)
     metrics = {M.ROUND: r, **stats, M.PAIRS_ONLINE: len(pairs), M.PAIRS_OFFLINE: len(offline),
                **{M.round_key(k): v for k, v in train_metrics.items()}, **eval_metrics,
                M.SYNC_BYTES: sync.get("bytes", 0), **clock.metrics()}
@@ -154,14 +139,21 @@ def _run_round(r: int, pool, scorer, models: _Models, train_prompts: Sequence[di
 def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], sft_rows: Sequence[dict], cfg: OnlineDPOConfig, work_dir: str | os.PathLike,
                seed: int = 0, log_metrics: Callable[[dict, int], None] | None = None,
-               on_round: Callable[[int, dict], None] | None = None, judge: Judge | None = None) -> OnlineDPOResult:
+               on_round: Callable[[int, dict], None] | None = None, judge: Judge | None = None,
+               export_dir: str | os.PathLike | None = None,
+               test_kill: tuple[int, str] | None = None) -> OnlineDPOResult:
     """Run (or resume) the online rounds. ``pool`` serves the policy (its weights are replaced: first by the
     starting policy, then after every round); ``scorer.score(conversations)`` gives rewards; ``judge(prompts,
     results)``, when given, grades the held-out samples a second time (``stages.dpo.judge``).
 
-    ``train_prompts`` come from ``split_prompts``; ``work_dir`` keeps the per-round state (``state``).
+    ``train_prompts`` come from ``split_prompts``; ``work_dir`` keeps the per-round state (``state``). With
+    ``export_dir`` the final policy (the EMA when kept) is written there as a plain model folder. The rounds
+    train where ``cfg.distributed`` says (``make_round_trainer``); a worker of a Ray Train job that dies makes
+    the job restart from the last finished round and the round run again (``test_kill``: tests only, a
+    (rank, request) at which a worker of the first job kills itself).
     """
     from pipeline.models.catalog import resolve_model
+    from stages.dpo.cluster.job import TrainerRestarted
 
     work = Path(work_dir)
     sft_path = str(resolve_model(sft_path))
@@ -171,30 +163,44 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
     setup = M.PhaseClock()
     done = state.finished_rounds(work)
     with setup("load"):
-        models = _load_models(sft_path, work, done, sft_rows, cfg)
-    if done:
-        log.info("dpo: resuming after round %d (policy from %s)", done, state.start_policy(work, sft_path, done))
-    with setup("start_sync"), swapped_weights(models.policy, models.ema):
-        pool.sync_weights(models.policy)
-    with setup("baseline"):
-        baseline = _baseline(pool, scorer, eval_prompts, cfg, seed, work, done, judge)
+        trainer = make_round_trainer(sft_path, work, done, sft_rows, cfg, seed, test_kill)
+    try:
+        if done:
+            log.info("dpo: resuming after round %d", done)
+        with setup("start_sync"):
+            trainer.sync(pool)
+        with setup("baseline"):
+            baseline = _baseline(pool, scorer, eval_prompts, cfg, seed, work, done, judge)
 
-    rounds, pairs_all = state.finished_round_records(work, done)
-    for r in range(done + 1, cfg.rounds + 1):
-        metrics, pairs = _run_round(r, pool, scorer, models, train_prompts, eval_prompts, offline_pairs, baseline,
-                                    cfg, work, seed, judge)
-        rounds.append(metrics)
-        pairs_all.extend(pairs)
-        if log_metrics is not None:
-            log_metrics(metrics, r)
-        if on_round is not None:
-            on_round(r, metrics)
-    return OnlineDPOResult(policy=models.policy, ema=models.ema, rounds=rounds, pairs=pairs_all, baseline=baseline,
-                           timings=setup.seconds)
+        rounds, pairs_all = state.finished_round_records(work, done)
+        r = done + 1
+        while r <= cfg.rounds:
+            try:
+                metrics, pairs = _run_round(r, pool, scorer, trainer, train_prompts, eval_prompts, offline_pairs,
+                                            baseline, cfg, work, seed, judge)
+            except TrainerRestarted as exc:
+                log.warning("dpo round %d: %s; running the round again from its saved pairs", r, exc)
+                trainer.sync(pool)  # the engines may hold a half-sent update
+                continue
+            rounds.append(metrics)
+            pairs_all.extend(pairs)
+            if log_metrics is not None:
+                log_metrics(metrics, r)
+            if on_round is not None:
+                on_round(r, metrics)
+            r += 1
+        if export_dir is not None:
+            trainer.export(Path(export_dir))
+    finally:
+        trainer.close()
+    return OnlineDPOResult(policy=getattr(trainer, "policy", None), ema=getattr(trainer, "ema", None),
+                           rounds=rounds, pairs=pairs_all, baseline=baseline, timings=setup.seconds,
+                           restarts=getattr(trainer, "restarts", 0))
 
 
 def save_policy(result: OnlineDPOResult, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the published policy (the EMA weights when kept) as a plain transformers folder vLLM serves."""
+    """Write the published policy of an in-process run (the EMA weights when kept) as a plain transformers
+    folder vLLM serves (a Ray Train run writes it with ``online_dpo(export_dir=...)``)."""
     from transformers import AutoTokenizer
 
     out = Path(out_dir)

@@ -3,6 +3,7 @@ best-vs-worst pairs, and estimate the KL to the reference from the sampled token
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 from collections.abc import Callable, Sequence
@@ -112,9 +113,14 @@ def kl_from_logprobs(policy_lp: Sequence[float], ref_lp: Sequence[float], tokens
     return {M.KL: sum(diffs) / len(diffs), M.KL_PER_TOKEN: sum(diffs) / max(1, tokens)}
 
 
-def kl_estimate(results: Sequence, ref_model) -> dict[str, float]:
+def kl_estimate(results: Sequence, ref_model=None, *, ref_logprobs: Callable[[list], list[float]] | None = None,
+                max_samples: int | None = None, seed: int = 0) -> dict[str, float]:
     """KL(policy || reference) estimated on the policy's own samples: mean over samples of
-    sum_t [log pi(y_t) - log pi_ref(y_t)] (pi's logprobs as vLLM sampled them, pi_ref by a forward pass)."""
+    sum_t [log pi(y_t) - log pi_ref(y_t)] (pi's logprobs as vLLM sampled them, pi_ref by a forward pass of
+    ``ref_model``, or by ``ref_logprobs(items)`` where the reference lives elsewhere). ``max_samples``: a seeded
+    subsample of that many samples is scored (the reference forward is the cost)."""
+    import random
+
     items, policy_lp, tokens = [], [], 0
     for r in results:
         for c in r.completions:
@@ -123,18 +129,26 @@ def kl_estimate(results: Sequence, ref_model) -> dict[str, float]:
             items.append((r.prompt_token_ids, c.token_ids))
             policy_lp.append(sum(c.logprobs))
             tokens += len(c.token_ids)
-    return kl_from_logprobs(policy_lp, sequence_logprobs(ref_model, items) if items else [], tokens)
+    if max_samples is not None and len(items) > max_samples:
+        keep = sorted(random.Random(f"{seed}:kl").sample(range(len(items)), max_samples))
+        items, policy_lp = [items[i] for i in keep], [policy_lp[i] for i in keep]
+        tokens = sum(len(c) for _, c in items)
+    if ref_logprobs is None:
+        ref_logprobs = functools.partial(sequence_logprobs, ref_model)
+    return kl_from_logprobs(policy_lp, ref_logprobs(items) if items else [], tokens)
 
 
-def rollout_round(pool, scorer, ref_model, prompts: Sequence[dict], cfg: OnlineDPOConfig, seed: int,
-                  round_index: int, clock: M.PhaseClock) -> tuple[list[dict], dict]:
-    """Sample, score and pair the round's prompts: (pairs, the round's sampling figures including the KL)."""
+def rollout_round(pool, scorer, ref_logprobs: Callable[[list], list[float]], prompts: Sequence[dict],
+                  cfg: OnlineDPOConfig, seed: int, round_index: int, clock: M.PhaseClock) -> tuple[list[dict], dict]:
+    """Sample, score and pair the round's prompts: (pairs, the round's sampling figures including the KL, from
+    ``ref_logprobs`` on ``cfg.kl_samples`` samples)."""
     with clock("sample"):
         results = sample(pool, prompts, cfg.samples_per_prompt, cfg, seed, round_salt(round_index), logprobs=True)
     with clock("score"):
         scores = score_results(scorer, prompts, results)
     with clock("kl"):
-        kl = kl_estimate(results, ref_model)
+        kl = kl_estimate(results, ref_logprobs=ref_logprobs, max_samples=cfg.kl_samples,
+                         seed=seed * 1000 + round_index)
     pairs, ties = best_worst_pairs(prompts, results, scores, cfg.min_reward_gap, round_index)
     flat = [s for row in scores for s in row]
     stats = {

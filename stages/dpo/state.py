@@ -6,6 +6,7 @@
     round_NNN/pairs.jsonl the round's online pairs, and samples.json its sampling figures (written before training)
     round_NNN/policy/     the policy after the round (only the latest finished round keeps it)
     round_NNN/ema.safetensors   the EMA after the round, when kept (likewise)
+    round_NNN/policy_dcp/ a Ray Train run's policy and EMA shards instead (torch distributed checkpoint, likewise)
     round_NNN/metrics.json      the round's metrics: written last, it marks the round finished
 
 Every file is written atomically (``pipeline.files``), so a kill leaves a round either finished or not.
@@ -57,7 +58,8 @@ def round_dir(work: Path, r: int) -> Path:
 def finished_rounds(work: Path) -> int:
     """How many rounds finished in a row from round 1 (metrics and policy written)."""
     r = 0
-    while (round_dir(work, r + 1) / "metrics.json").is_file() and (round_dir(work, r + 1) / "policy").is_dir():
+    while (round_dir(work, r + 1) / "metrics.json").is_file() and any(
+            (round_dir(work, r + 1) / name).is_dir() for name in ("policy", "policy_dcp")):
         r += 1
     return r
 
@@ -123,4 +125,5 @@ def finish_round(work: Path, r: int, metrics: dict[str, Any]) -> None:
     atomic_write_json(round_dir(work, r) / "metrics.json", metrics)
     if r > 1:
         shutil.rmtree(round_dir(work, r - 1) / "policy", ignore_errors=True)
+        shutil.rmtree(round_dir(work, r - 1) / "policy_dcp", ignore_errors=True)
         (round_dir(work, r - 1) / "ema.safetensors").unlink(missing_ok=True)
