@@ -3,6 +3,7 @@ raise the policy's reward on held-out prompts.
 
     python -m benchmarks.dpo [--rounds 2] [--prompts-per-round 16] [--max-tokens 64] [--learning-rate 2e-5]
                              [--epochs-per-round 2] [--eval-prompts 32] [--eval-samples 4] [--no-head-comparison]
+                             [--workers N]
 
 Setup (not timed in the rounds): the embedded MoE policy (smollm2-moe, 413M, float32) on one vLLM engine
 in a Ray actor; a reward model trained with TRL's RewardTrainer from SmolLM2-135M-Instruct on preference
@@ -19,6 +20,12 @@ Figures (last line, JSON):
   (DPOTrainer: DPO + chosen NLL + SFT replay), sync (in-memory weight push into the running engine), other
   (everything else: pairing, checkpoint of the round for resume, bookkeeping); and the round's figures.
 - overhead_fraction: other / total over all rounds. Target < 0.10.
+- With ``--workers N`` the rounds train on a Ray Train job of N FSDP2 CPU workers (gloo) and sync through the
+  collective transport (the cluster path; without it, TRL in this process and shared memory). Then also
+  (``benchmarks.dpo_distributed``): ``distributed_step_max_param_diff``, N workers vs one process with N x
+  accumulation after one SGD step on the same batches; and the final weights synced into the benchmark's engine
+  through each transport from this process, side by side: ``collective_sync_s``, ``shared_memory_sync_s``,
+  ``object_store_sync_s`` and each ``*_vs_copy`` (seconds / a plain copy of the same bytes).
 - eval_reward_sft / eval_reward_final / eval_reward_gain / eval_win_rate: held-out mean reward of the SFT
   policy and of the final policy (paired: same prompts, same request seeds), the gain, and the share of
   paired samples where the final policy scores higher (ties 0.5). `eval_reward_gain_se`: the gain's standard
@@ -115,10 +122,16 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--epochs-per-round", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="train on a Ray Train job of this many FSDP2 workers (0: in this process)")
     parser.add_argument("--no-head-comparison", action="store_true", help="skip the fused vs plain LM head runs")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.dpo_distributed import step_equality, sync_comparison
     from pipeline.engines.pool import PoolConfig, WorkerPool
     from pipeline.executor import ensure_ray
     from pipeline.models.catalog import posttrain_home, resolve_model
@@ -135,7 +148,9 @@ def main() -> None:
     cfg = OnlineDPOConfig(rounds=args.rounds, prompts_per_round=args.prompts_per_round,
                           samples_per_prompt=args.samples_per_prompt, max_tokens=args.max_tokens,
                           eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
-                          learning_rate=args.learning_rate, epochs_per_round=args.epochs_per_round, max_length=384)
+                          learning_rate=args.learning_rate, epochs_per_round=args.epochs_per_round, max_length=384,
+                          distributed={"backend": "ray" if args.workers else "local",
+                                       "num_workers": max(1, args.workers), "strategy": "fsdp2"})
     prompts = prompt_rows(prompt_records([n for n, _ in docs]))
     offline_docs = docs[REWARD_FUNCTIONS:REWARD_FUNCTIONS + OFFLINE_FUNCTIONS]
     offline, sft = preference_records(offline_docs, seed=1), sft_records(offline_docs)
@@ -149,13 +164,18 @@ def main() -> None:
         setup_s = time.perf_counter() - t0
         print(f"engines ready in {setup_s:.0f}s", flush=True)
         result = online_dpo(policy_path, pool, scorer, train, held, offline, sft, cfg, work, seed=args.seed,
-                            on_round=lambda r, m: print(f"round {r}: {json.dumps(_round_line(m))}", flush=True))
+                            on_round=lambda r, m: print(f"round {r}: {json.dumps(_round_line(m))}", flush=True),
+                            export_dir=Path(work) / "final" if args.workers else None)
+        if args.workers:
+            sync = sync_comparison(pool, AutoModelForCausalLM.from_pretrained(Path(work) / "final", dtype=torch.float32),
+                                   repeats=2)
     rounds = [_round_line(m) for m in result.rounds]
     total = sum(r["total_s"] for r in rounds)
     other = sum(r["other_s"] for r in rounds)
     last = result.rounds[-1]
     out = {
-        "benchmark": "dpo", "policy": args.policy, "machine": platform.processor() or platform.machine(),
+        "benchmark": "dpo", "policy": args.policy, "backend": cfg.distributed.backend,
+        "workers": args.workers, "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "rounds": rounds, "overhead_fraction": other / total,
         "setup_s": {"engines": setup_s, **result.timings}, "reward_model": rm_info,
         "eval_reward_sft": last["eval_reward_sft_mean"], "eval_reward_final": last["eval_reward_mean"],
@@ -169,6 +189,13 @@ def main() -> None:
         "eval_reward_gain_length_adjusted": last["eval_reward_gain_length_adjusted"],
         "prompts_train": len(train), "prompts_held_out": len(held), "prompts_excluded": split.excluded,
     }
+    if args.workers:
+        out.update(sync)
+        with tempfile.TemporaryDirectory(prefix="bench-dpo-step-") as scratch:
+            step_cfg = {k: getattr(cfg, k) for k in ("batch_size", "max_length", "chosen_loss_coef",
+                                                      "sft_replay_coef", "replay_batch_size")}
+            out.update(step_equality(policy_path, preference_records(offline_docs, seed=2), sft, step_cfg,
+                                     args.workers, Path(scratch)))
     if not args.no_head_comparison:
         pairs = preference_records(offline_docs[:8], seed=2)
         out.update(head_comparison(policy_path, pairs, sft, cfg))

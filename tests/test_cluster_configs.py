@@ -152,8 +152,10 @@ def _pack(items: list[float], nodes: int, per_node: int) -> bool:
 
 
 def _engine_groups(pool) -> list[int]:
-    """GPUs of each engine of a pool (one TP group each, STRICT_PACKed on one node); none for a CPU pool."""
-    return [pool.tensor_parallel_size] * pool.num_workers if pool.device != "cpu" else []
+    """GPUs of each engine of a pool (one TP group each, STRICT_PACKed on one node; a share of one GPU with
+    ``gpus_per_engine`` at TP 1); none for a CPU pool."""
+    size = pool.gpus_per_engine if pool.tensor_parallel_size == 1 else pool.tensor_parallel_size
+    return [size] * pool.num_workers if pool.device != "cpu" else []
 
 
 def _scoring_gpus(scoring) -> list[float]:
@@ -172,7 +174,8 @@ def gpu_demand(cfg) -> dict[str, list[float]]:
     - sft: one GPU per Ray Train worker;
     - reward: the training task (``stages.reward.train_task_options``, on a cluster with GPUs), then, once it
       has finished, the scoring actors of the held-out accuracy;
-    - dpo: the engines of ``pool_role`` (and of ``judge_role``) + one GPU per Ray Train worker + the scoring actors.
+    - dpo: the engines of ``pool_role`` (and of ``judge_role``) + each Ray Train worker's GPU share + the scoring
+      actors.
 
     The driver holds no GPU.
     """
@@ -183,7 +186,8 @@ def gpu_demand(cfg) -> dict[str, list[float]]:
     engines = _engine_groups(cfg.models[dpo.pool_role])
     if dpo.judge_role:
         engines += _engine_groups(cfg.models[dpo.judge_role])
-    trainers = [1] * dpo.distributed.num_workers if dpo.distributed.use_gpu is not False else []
+    d = dpo.distributed
+    trainers = [d.gpus_per_worker] * d.num_workers if d.use_gpu is not False else []
     return {
         "filter": [g for p in pools.values() for g in _engine_groups(p)],
         "sft": [1] * sft.num_workers if sft.use_gpu is not False and sft.num_workers != "auto" else [],
@@ -250,6 +254,16 @@ def test_a_config_over_the_cluster_is_caught(override, stage):
     cfg = _load("qwen-moe.yaml", [override])
     [problem] = over_the_cluster(cfg, EXPECTED["qwen-moe.yaml"]["gpus"])
     assert problem.startswith(f"{stage}: ")
+
+
+def test_shared_gpus_count_as_their_share():
+    """Colocation: 16 DPO workers are over qwen-moe's 16 GPUs with a whole GPU each, and fit at half a GPU each
+    (gpus_per_worker), as Ray places them."""
+    workers = "stages.dpo.distributed.num_workers=16"
+    assert over_the_cluster(_load("qwen-moe.yaml", [workers]), 16) != []
+    cfg = _load("qwen-moe.yaml", [workers, "stages.dpo.distributed.gpus_per_worker=0.5"])
+    base = _load("qwen-moe.yaml")  # 8 workers of one GPU each
+    assert over_the_cluster(cfg, 16) == [] and sum(gpu_demand(cfg)["dpo"]) == sum(gpu_demand(base)["dpo"]) == 16
 
 
 @pytest.mark.parametrize("name", [n for n in FILES if EXPECTED[n]["strategy"] == "fsdp"])

@@ -39,7 +39,7 @@ from stages.dpo import (
     split_prompts,
     tokenize_replay,
 )
-from stages.dpo import loop as dpo_loop
+from stages.dpo import local as dpo_local
 from stages.dpo import rollout as dpo_rollout
 from stages.dpo.evaluation import held_out_metrics, length_adjusted_gain
 from stages.dpo.trainer import unpatch_forward
@@ -468,7 +468,7 @@ def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, policy_p
     path = embedded_models["tiny-moe"]
     cfg, (train, held, offline, sft) = two_rounds["cfg"], two_rounds["inputs"]
     work = tmp_path / "work"
-    real_train = dpo_loop.train_round
+    real_train = dpo_local.train_round
     calls = []
 
     def killed_in_round_two(*args, **kwargs):
@@ -477,13 +477,13 @@ def test_resume_after_a_kill_mid_round_continues_that_round(two_rounds, policy_p
             raise KeyboardInterrupt("killed")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(dpo_loop, "train_round", killed_in_round_two)
+    monkeypatch.setattr(dpo_local, "train_round", killed_in_round_two)
     with RewardPool(tiny_reward_model["path"]) as scorer:
         with pytest.raises(KeyboardInterrupt):
             online_dpo(path, policy_pool, scorer, train, held, offline, sft, cfg, work, seed=7)
         assert (work / "round_001" / "metrics.json").is_file() and (work / "round_001" / "policy").is_dir()
         assert (work / "round_002" / "pairs.jsonl").is_file() and not (work / "round_002" / "metrics.json").exists()
-        monkeypatch.setattr(dpo_loop, "train_round", real_train)
+        monkeypatch.setattr(dpo_local, "train_round", real_train)
         sampled = []
         real_sample = dpo_rollout.sample
         monkeypatch.setattr(dpo_rollout, "sample", lambda *a, **k: sampled.append(a[5]) or real_sample(*a, **k))

@@ -227,3 +227,93 @@ def test_two_fsdp2_workers_step_as_one_process_with_twice_the_accumulation(ray_s
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-4  # the step did change the weights
     assert not math.isnan(two[M.GRAD_NORM])
+
+
+@pytest.mark.slow
+def test_rounds_on_ray_train_survive_a_killed_worker(tiny_sync_pool, tiny_reward_model, tiny, docs, tmp_path,
+                                                     monkeypatch):
+    """Two rounds trained by 2 FSDP2 workers and synced through the collective transport into both engines. Rank 1
+    is SIGKILLed at its second ``train`` request (round 2): the job starts again from round 1's sharded checkpoint,
+    round 2 runs again from the pairs it saved before the kill, the sync group is rebuilt, and the engines end up
+    serving the exported policy (the EMA)."""
+    from pipeline.engines.sync.collective import CollectiveTransport
+    from reward.score import RewardPool
+    from reward.stdlib_pairs import prompt_records
+    from stages.dpo import manifest_metrics, online_dpo, prompt_rows, split_prompts
+    from stages.dpo import state as dpo_state
+    from stages.dpo.rollout import sequence_logprobs
+
+    cfg = OnlineDPOConfig(rounds=2, prompts_per_round=6, samples_per_prompt=4, max_tokens=16, eval_prompts=4,
+                          eval_samples=2, learning_rate=5e-3, batch_size=2, min_reward_gap=0.05, offline_ratio=0.5,
+                          ema_decay=0.5, kl_samples=8,
+                          distributed={"backend": "ray", "num_workers": 2, "strategy": "fsdp2", "max_restarts": 1})
+    split = split_prompts(prompt_rows(prompt_records([n for n, _ in docs])), cfg, 7)
+    offline, sft = preference_records(docs[:60], seed=1), sft_records(docs[:60])
+    saved, groups = [], []
+    real_save, real_sync = dpo_state.save_pairs, CollectiveTransport.sync_remote
+    monkeypatch.setattr(dpo_state, "save_pairs", lambda rdir, *a: saved.append(rdir.name) or real_save(rdir, *a))
+
+    def spy(self, *args, **kwargs):
+        result = real_sync(self, *args, **kwargs)
+        groups.append(result.extras["group_id"])
+        return result
+    monkeypatch.setattr(CollectiveTransport, "sync_remote", spy)
+    with RewardPool(tiny_reward_model["path"]) as scorer:
+        result = online_dpo(tiny, tiny_sync_pool, scorer, split.train, split.held_out, offline, sft, cfg,
+                            tmp_path / "work", seed=7, export_dir=tmp_path / "out", test_kill=(1, "train", 2))
+    assert result.restarts == 1 and manifest_metrics(result, cfg)[M.TRAINER_RESTARTS] == 1
+    assert [m[M.ROUND] for m in result.rounds] == [1, 2]
+    assert saved == ["round_001", "round_002"]  # round 2 ran again on its saved pairs, not a new rollout
+    assert len(set(groups)) == 2 and groups[0] != groups[-1]  # the restarted job synced through a new group
+    assert (tmp_path / "work" / "round_002" / "policy_dcp" / ".metadata").is_file()
+    assert not (tmp_path / "work" / "round_001" / "policy_dcp").exists()  # only the latest checkpoint is kept
+    assert all(m[M.TRAIN_STEPS] > 0 and not math.isnan(m[M.KL]) for m in result.rounds)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    texts = [(p["messages"], d) for p, (_, d) in zip(split.held_out[:3], docs[100:103], strict=True)]
+    served = [sum(x) for x in tiny_sync_pool.completion_logprobs(texts)]
+    items = [(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"],
+              tok(t, add_special_tokens=False)["input_ids"]) for m, t in texts]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    assert served == pytest.approx(sequence_logprobs(exported, items), abs=1e-3)
+    assert max(abs(a - b) for a, b in zip(served, sequence_logprobs(original, items), strict=True)) > 1e-2
+
+
+# -- engines asleep while a round trains (GPU colocation) -----------------------------------------------------
+
+
+class _RecordingPool:
+    """Records sleep and wake calls. vLLM's sleep mode is GPU-only, so no real pool here can sleep."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def wake_up(self):
+        self.calls.append("wake_up")
+
+
+def test_engines_sleep_while_a_round_trains_and_wake_after_an_error():
+    from stages.dpo.loop import engines_asleep
+
+    pool = _RecordingPool()
+    with engines_asleep(pool, True):
+        pool.calls.append("train")
+    with pytest.raises(RuntimeError), engines_asleep(pool, True):
+        pool.calls.append("train")
+        raise RuntimeError("worker died")
+    with engines_asleep(pool, False):
+        pool.calls.append("train")
+    assert pool.calls == ["sleep", "train", "wake_up", "sleep", "train", "wake_up", "train"]
+
+
+@pytest.mark.slow
+def test_sleep_mode_on_cpu_engines_is_refused_before_anything_runs(tiny_pool, tiny, tmp_path):
+    from stages.dpo import online_dpo
+
+    cfg = OnlineDPOConfig(sleep_engines_while_training=True)
+    with pytest.raises(ValueError, match="sleep_engines_while_training: .* GPU-only"):
+        online_dpo(tiny, tiny_pool, None, [], [], [], [], cfg, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

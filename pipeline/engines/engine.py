@@ -143,6 +143,12 @@ class EngineActor:
             self.llm.reset_prefix_cache()
         return results
 
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:

@@ -62,6 +62,10 @@ class PoolConfig(BaseModel):
     """CPU only: KV cache size per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """GPU only: fraction of each GPU's memory vLLM may use."""
+    gpus_per_engine: float = Field(1.0, gt=0, le=1)
+    """GPU only, tensor_parallel_size 1: the share of a GPU each engine reserves in Ray. Below 1 the engine can
+    share its GPU with a trainer worker or a scoring actor (colocation; lower gpu_memory_utilization to match, and
+    set ``engine_kwargs: {enable_sleep_mode: true}`` so DPO can free the engine's memory while it trains)."""
     enforce_eager: bool | None = None
     """Skip CUDA graphs / torch.compile. None: True on CPU, False on GPU."""
     chunk_size: int = Field(256, ge=1)
@@ -77,7 +81,8 @@ class PoolConfig(BaseModel):
     pipeline/engines/sync/registry.py (each documented there). shared_memory: the trainer writes the weights once
     into a memory segment every engine maps, laid out for vLLM's CPU kernels, which load straight from it (CPU
     engines on the trainer's machine, tensor parallel size 1). object_store: through Ray's object store and
-    vLLM's `reload_weights` (any engine, any node). auto: the registry's order, each transport where it applies
+    vLLM's `reload_weights` (any engine, any node). collective: a gloo (CPU) or NCCL (GPU) group of the sender and
+    every engine through vLLM's weight-transfer calls, also from an FSDP2 trainer job (not in auto). auto: the registry's order, each transport where it applies
     (shared_memory after its first sync has checked that it leaves the engines exactly as vLLM's reload does;
     object_store otherwise)."""
 
@@ -151,12 +156,13 @@ class WorkerPool:
         options: dict[str, Any] = {"runtime_env": {"env_vars": self._env}}
         if self.device == "cuda":
             tp = cfg.tensor_parallel_size
-            pg = placement_group([{"GPU": 1, "CPU": cfg.num_cpus_per_worker}] * tp, strategy="STRICT_PACK")
+            share = cfg.gpus_per_engine if tp == 1 else 1
+            pg = placement_group([{"GPU": share, "CPU": cfg.num_cpus_per_worker}] * tp, strategy="STRICT_PACK")
             self._placement_groups.append(pg)
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_capture_child_tasks=True)
             # tp=1: the actor uses its bundle's GPU; tp>1: vLLM's Ray workers take the bundles.
-            options["num_gpus"] = 1 if tp == 1 else 0
+            options["num_gpus"] = share if tp == 1 else 0
             options["num_cpus"] = cfg.num_cpus_per_worker if tp == 1 else 0
         else:
             options["num_cpus"] = cfg.num_cpus_per_worker
@@ -184,12 +190,12 @@ class WorkerPool:
         import ray
 
         cfg = self.config
-        need_gpu = 1 if self.device == "cuda" else 0
+        need_gpu = self.config.gpus_per_engine if self.device == "cuda" else 0
         while not ray.wait([ref], timeout=every_s)[0]:
             free = ray.available_resources()
             if free.get("CPU", 0) < cfg.num_cpus_per_worker or free.get("GPU", 0) < need_gpu:
                 total = ray.cluster_resources()
-                log.warning("vLLM worker %d of %s is waiting for %g CPU / %d GPU: the cluster has %g of %g CPUs and "
+                log.warning("vLLM worker %d of %s is waiting for %g CPU / %g GPU: the cluster has %g of %g CPUs and "
                             "%g of %g GPUs free, the rest held by other engines and actors of the run; fix: give Ray "
                             "more logical CPUs (ray.num_cpus in the run config), or models.<role>.num_cpus_per_worker "
                             "less", index, self.model_path, cfg.num_cpus_per_worker, need_gpu, free.get("CPU", 0),
@@ -277,6 +283,33 @@ class WorkerPool:
     def completion_logprobs(self, items: Sequence[tuple[list[dict], str]]) -> list[list[float]]:
         """Per-token log-probabilities the served model gives fixed completions after chat prompts."""
         return self._dispatch("completion_logprobs", list(items))
+
+    # -- sleep mode (GPU) -------------------------------------------------------------------
+    def sleep_mode_problem(self) -> str | None:
+        """Why ``sleep`` cannot work on this pool, with the fix; None when it can."""
+        if self.device != "cuda":
+            return (f"the engines of {self.model_path} run on CPU and vLLM's sleep mode is GPU-only; fix: "
+                    "dpo.sleep_engines_while_training: false")
+        if not self.config.engine_kwargs.get("enable_sleep_mode"):
+            return (f"the engines of {self.model_path} were started without sleep mode; fix: set engine_kwargs: "
+                    "{enable_sleep_mode: true} on their model role")
+        return None
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode on every engine: level 1 moves the weights to host memory and drops the KV cache, so
+        a trainer on the same GPUs gets the memory back (see ``sleep_mode_problem``)."""
+        import ray
+
+        problem = self.sleep_mode_problem()
+        if problem:
+            raise ValueError(problem)
+        ray.get([a.sleep.remote(level) for a in self.actors])
+
+    def wake_up(self) -> None:
+        """Bring every engine back from ``sleep`` (weights and KV cache on the GPU again)."""
+        import ray
+
+        ray.get([a.wake_up.remote() for a in self.actors])
 
     # -- weights ---------------------------------------------------------------------------
     def sync_weights(self, model, dtype=None, transport: str | None = None) -> dict:

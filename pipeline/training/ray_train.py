@@ -37,9 +37,11 @@ class TrainJob:
     workers: int = 1
     """Training workers (one process each)."""
     use_gpu: bool = False
-    """Each worker reserves one GPU."""
+    """Each worker reserves a GPU (``gpus_per_worker`` of one)."""
     cpus_per_worker: float = 1.0
     """Ray CPUs each worker reserves."""
+    gpus_per_worker: float = 1.0
+    """With ``use_gpu``: the share of a GPU each worker reserves (below 1: it shares the GPU with other actors)."""
     worker_nice: int | None = 0
     """Niceness of the worker processes (Ray starts its workers at nice 15); None: keep Ray's."""
     storage_path: str | None = None
@@ -85,7 +87,7 @@ def _torch_trainer(worker: Callable[[dict], Any], config: dict, job: TrainJob, r
 
     resources = {"CPU": job.cpus_per_worker}
     if job.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = job.gpus_per_worker
     return TorchTrainer(
         loop, train_loop_config=config,
         torch_config=TorchConfig(timeout_s=timeout_s) if timeout_s else None,
@@ -127,6 +129,8 @@ class BackgroundTrainJob:
         ensure_ray()
         self.name = job.name
         self.error: BaseException | None = None
+        self.raw_error: BaseException | None = None
+        """Ray Train's own error (every rank's failure in its text); ``error`` is the lowest failed rank's."""
         self._trainer = _torch_trainer(worker, config, job, None, timeout_s)
         self._thread = threading.Thread(target=self._fit, name=f"ray-train-{job.name}", daemon=True)
         self._thread.start()
@@ -135,8 +139,9 @@ class BackgroundTrainJob:
         try:
             result = self._trainer.fit()
             if result.error is not None:
-                self.error = result.error
+                self.error = self.raw_error = result.error
         except Exception as exc:  # noqa: BLE001 - kept for the caller, who raises it with context
+            self.raw_error = exc
             self.error = worker_exception(exc)
 
     def alive(self) -> bool:

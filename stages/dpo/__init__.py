@@ -29,7 +29,9 @@ policy, syncs it into the engines and goes on with the next round, reusing its p
 
 Modules: ``config`` (OnlineDPOConfig), ``prompts`` (prompt rows, split, round batches), ``rollout`` (sample,
 score, pairs, KL), ``losses`` (the loss types and the logged loss terms), ``trainer`` (the TRL subclass with SFT
-replay, the CPU LM head, ``train_round``), ``ema``, ``evaluation`` (held-out figures), ``state`` (the work
+replay, the CPU LM head, ``train_round``), ``local`` (the rounds' training in this process, on ``trainer``),
+``step`` (one DPO step without a Trainer: TRL's collator and loss, SFT replay) and ``cluster`` (the rounds'
+training on a Ray Train job of FSDP2 workers, weights sent to the engines over a collective), ``ema``, ``evaluation`` (held-out figures), ``state`` (the work
 folder), ``loop`` (the rounds, resume), ``metrics`` (every key the stage writes); this module wires the stage.
 """
 
@@ -86,7 +88,7 @@ def manifest_metrics(result: OnlineDPOResult, cfg: OnlineDPOConfig) -> dict:
     return {
         M.ROUNDS: [{k: v for k, v in m.items() if not k.startswith("expert_load")} for m in result.rounds],
         M.ONLINE_PAIRS: len(result.pairs), M.TIES: sum(m.get(M.TIES, 0) for m in result.rounds),
-        **M.final_metrics(last), M.EMA: cfg.ema_decay is not None,
+        **M.final_metrics(last), M.EMA: cfg.ema_decay is not None, M.TRAINER_RESTARTS: result.restarts,
     }
 
 

@@ -33,6 +33,9 @@ class DpoDistributedSettings(BaseModel):
     """Workers use GPUs. auto: when the Ray cluster has GPUs."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Ray CPUs each worker reserves."""
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
+    """GPU only: the share of a GPU each worker reserves in Ray. Below 1 a worker shares its GPU with the policy's
+    engines (colocation, with ``sleep_engines_while_training``) or the scoring actors."""
     torch_threads: int | None = Field(None, ge=1)
     """CPU only: torch threads per worker. None: the machine's cores divided among the workers."""
     max_restarts: int = Field(1, ge=0)
@@ -143,6 +146,10 @@ class OnlineDPOConfig(BaseModel):
     with its adapters disabled (no second copy of the model). The engines receive the merged weights."""
     kl_samples: int | None = Field(None, ge=1)
     """Samples per round whose tokens the reference scores for the KL estimate (a seeded subsample); None: all."""
+    sleep_engines_while_training: bool = False
+    """Put the policy's engines in vLLM's sleep mode (level 1: weights to host memory, KV cache dropped) while a
+    round trains, and wake them for the sync: the trainer gets their GPU memory when both share GPUs (GPU engines
+    started with ``engine_kwargs: {enable_sleep_mode: true}``; vLLM's CPU build has no sleep mode)."""
     distributed: DpoDistributedSettings = Field(default_factory=DpoDistributedSettings)
     """Where the training of a round runs (driver process, or a Ray Train job with FSDP2)."""
     moe: MoETrainingConfig = Field(

@@ -4,12 +4,13 @@ checkpoint (``state``); a rerun resumes after the latest finished round."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class OnlineDPOResult:
 
 
 def make_round_trainer(sft_path: str, work: Path, done: int, sft_rows: Sequence[dict], cfg: OnlineDPOConfig,
-                       seed: int, test_kill: tuple[int, str] | None = None):
+                       seed: int, test_kill: tuple[int, str, int] | None = None):
     """The round trainer of ``cfg.distributed.backend``: ``local.LocalRoundTrainer`` (this process) or
     ``cluster.job.ClusterRoundTrainer`` (a Ray Train job), resuming after round ``done``."""
     if cfg.distributed.backend == "local":
@@ -95,6 +96,20 @@ def _offline_sample(offline_pairs: Sequence[dict], n_online: int, cfg: OnlineDPO
     return random.Random(f"{seed}:{r}").sample(list(offline_pairs), k) if k else []
 
 
+@contextlib.contextmanager
+def engines_asleep(pool, enabled: bool) -> Iterator[None]:
+    """The pool's engines asleep (``WorkerPool.sleep``) for the block when ``enabled``, awake again after it,
+    also when it raised (the rerun of a round samples first)."""
+    if not enabled:
+        yield
+        return
+    pool.sleep()
+    try:
+        yield
+    finally:
+        pool.wake_up()
+
+
 def _run_round(r: int, pool, scorer, trainer, train_prompts: Sequence[dict], eval_prompts: Sequence[dict],
                offline_pairs: Sequence[dict], baseline: dict, cfg: OnlineDPOConfig, work: Path,
                seed: int, judge: Judge | None) -> tuple[dict, list[dict]]:
@@ -112,7 +127,7 @@ def _run_round(r: int, pool, scorer, trainer, train_prompts: Sequence[dict], eva
     random.Random(f"{seed}:{r}:order").shuffle(train_pairs)
     train_metrics: dict[str, float] = {}
     if train_pairs:
-        with clock("train"):
+        with clock("train"), engines_asleep(pool, cfg.sleep_engines_while_training):
             train_metrics = trainer.train(r, train_pairs, seed * 1000 + r)
     else:
         log.warning("dpo round %d: every prompt was a tie and there are no offline pairs; no training", r)
@@ -141,7 +156,7 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
                seed: int = 0, log_metrics: Callable[[dict, int], None] | None = None,
                on_round: Callable[[int, dict], None] | None = None, judge: Judge | None = None,
                export_dir: str | os.PathLike | None = None,
-               test_kill: tuple[int, str] | None = None) -> OnlineDPOResult:
+               test_kill: tuple[int, str, int] | None = None) -> OnlineDPOResult:
     """Run (or resume) the online rounds. ``pool`` serves the policy (its weights are replaced: first by the
     starting policy, then after every round); ``scorer.score(conversations)`` gives rewards; ``judge(prompts,
     results)``, when given, grades the held-out samples a second time (``stages.dpo.judge``).
@@ -150,13 +165,15 @@ def online_dpo(sft_path: str | os.PathLike, pool, scorer, train_prompts: Sequenc
     ``export_dir`` the final policy (the EMA when kept) is written there as a plain model folder. The rounds
     train where ``cfg.distributed`` says (``make_round_trainer``); a worker of a Ray Train job that dies makes
     the job restart from the last finished round and the round run again (``test_kill``: tests only, a
-    (rank, request) at which a worker of the first job kills itself).
+    (rank, request, n): a worker of the first job kills itself at its n-th such request).
     """
     from pipeline.models.catalog import resolve_model
     from stages.dpo.cluster.job import TrainerRestarted
 
     work = Path(work_dir)
     sft_path = str(resolve_model(sft_path))
+    if cfg.sleep_engines_while_training and (problem := pool.sleep_mode_problem()):
+        raise ValueError(f"dpo.sleep_engines_while_training: {problem}")
     ids = [p["id"] for p in list(train_prompts) + list(eval_prompts)]
     state.open_work_folder(work, state.work_key(cfg.model_dump(mode="json"), sft_path, seed, ids))
 

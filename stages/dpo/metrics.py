@@ -143,6 +143,8 @@ PROMPTS_HELD_OUT = "prompts_held_out"
 ROUNDS = "rounds"
 ONLINE_PAIRS = "online_pairs"
 EMA = "ema"
+TRAINER_RESTARTS = "trainer_restarts"
+"""Times the Ray Train job of the rounds started again after a worker died (0 for the in-process trainer)."""
 
 
 def final_key(key: str) -> str:

@@ -90,7 +90,8 @@ def sequence_logprobs(model, items: Sequence[tuple[Sequence[int], Sequence[int]]
             for row, s in enumerate(seqs):
                 ids[row, :len(s)] = torch.tensor(s, device=device)
                 mask[row, :len(s)] = 1
-            with torch.inference_mode():
+            # no_grad, not inference_mode: an FSDP2-sharded model keeps buffers that a later training step writes.
+            with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             for row, i in enumerate(idx):
                 p_len, c_len = len(items[i][0]), len(items[i][1])

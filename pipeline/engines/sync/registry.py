@@ -24,6 +24,11 @@ TRANSPORTS: dict[str, str] = {
     "shared_memory": "pipeline.engines.sync.shared_memory:SharedMemoryTransport",
     # Any engine on any node: through Ray's object store into vLLM's in-place reload_weights.
     "object_store": "pipeline.engines.sync.object_store:ObjectStoreTransport",
+    # A collective group of the trainer's sender and every engine worker (gloo on CPU, NCCL on GPU) through vLLM's
+    # weight-transfer calls; the sender may be rank 0 of an FSDP2 trainer job (CollectiveTransport.sync_remote).
+    # Not in the auto order: on CPU shared memory is faster (no copy through a socket) and the object store
+    # applies everywhere; it is chosen by name (GPU engines, or a trainer job that is not the driver).
+    "collective": "pipeline.engines.sync.collective:CollectiveTransport",
 }
 """Transport name -> ``"module:Class"`` of a class that implements ``base.Transport``."""
 

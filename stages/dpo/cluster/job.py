@@ -35,7 +35,7 @@ class ClusterRoundTrainer:
     """The rounds' training on a Ray Train job (see the module docstring)."""
 
     def __init__(self, cfg: OnlineDPOConfig, sft_path: str, sft_rows: Sequence[dict], work: Path, seed: int,
-                 latest_checkpoint: Callable[[], Path | None], test_kill: tuple[int, str] | None = None):
+                 latest_checkpoint: Callable[[], Path | None], test_kill: tuple[int, str, int] | None = None):
         from pipeline.training.ray_train import resolve_scaling
 
         self.cfg, self.work, self.seed = cfg, work, seed
@@ -64,7 +64,8 @@ class ClusterRoundTrainer:
                 "start_checkpoint": str(start) if start else None,
                 "kill_rank_in": self._test_kill if self.restarts == 0 else None}
         job = TrainJob(name="dpo", work_dir=self.work, workers=self.workers, use_gpu=self.use_gpu,
-                       cpus_per_worker=d.cpus_per_worker, storage_path=d.storage_path)
+                       cpus_per_worker=d.cpus_per_worker, gpus_per_worker=d.gpus_per_worker,
+                       storage_path=d.storage_path)
         log.info("dpo: starting the training job (%d %s workers, %s) from %s", self.workers,
                  "GPU" if self.use_gpu else "CPU", d.strategy, start or "the SFT policy")
         self._job = BackgroundTrainJob(_serve, spec, job, timeout_s=JOB_TIMEOUT_S)
@@ -77,10 +78,14 @@ class ClusterRoundTrainer:
             except queue.Empty:
                 if self._job.alive():
                     continue
-                self._restart(op)
+                if _worker_died(self._job.raw_error):
+                    self._restart(op)
+                error = self._job.error
+                raise RuntimeError(f"dpo training job ended in {op!r} without an answer: {type(error).__name__}: "
+                                   f"{error}; see the worker logs (RUN_DIR/logs/workers)") from error
             if "error" in answer:
                 self._job.join(60)
-                if self._job.error is not None and _worker_died(self._job.error):
+                if _worker_died(self._job.raw_error):
                     self._restart(op)
                 raise RuntimeError(f"dpo training job failed in {op!r}: {answer['error']}")
             return answer["ok"]
@@ -104,11 +109,15 @@ class ClusterRoundTrainer:
         return self._answer(op)
 
     def close(self) -> None:
+        """Stop the job; the engines leave its weight-sync group (a later collective sync builds a new one)."""
         if self._job is not None and self._job.alive():
             self._requests.put(("stop", {}))
             self._job.join(120)
         self._close_queues()
         self._job = None
+        transport, self._transport = getattr(self, "_transport", None), None
+        if transport is not None:
+            transport.close()
 
     def _close_queues(self) -> None:
         for q in (getattr(self, "_requests", None), getattr(self, "_answers", None)):
@@ -136,9 +145,11 @@ class ClusterRoundTrainer:
         if getattr(self, "_synced_job", None) is not self._job:
             transport.close()  # a (re)started job: build a new group with the new sender
             self._synced_job = self._job
+        self._transport = transport
         dtype = pool.dtype
         meta = self.call("weight_metadata", dtype=dtype)
-        result = transport.sync_remote(meta, lambda group: self.call("sync", group=group, dtype=dtype))
+        result = transport.sync_remote(meta, lambda group: self.call("sync", group=group, dtype=dtype),
+                                       master_address=self.info["node_ip"])
         pool._transports.last = "collective"
         return result.as_dict()
 
@@ -155,12 +166,15 @@ def _serve(spec: dict) -> dict:
     return serve(spec)
 
 
-def _worker_died(error: BaseException) -> bool:
-    """Whether the job ended because a worker process died (restartable), not because the code failed."""
-    name = type(error).__name__
-    text = str(error)
-    return any(s in name or s in text for s in ("ActorDied", "WorkerDied", "RayActorError", "died unexpectedly",
-                                                  "SYSTEM_ERROR", "exit code", "ActorUnavailable"))
+def _worker_died(error: BaseException | None) -> bool:
+    """Whether the job ended because a worker process died (restartable), not because the code failed: Ray
+    Train's error names every rank's failure, and a dead worker's reads "health check failed" or "actor died"
+    (the other ranks then fail in a collective with a connection error, which alone proves nothing)."""
+    if error is None:
+        return False
+    text = f"{type(error).__name__}: {error}"
+    return any(s in text for s in ("ActorDied", "health check failed", "worker process has died", "died unexpectedly",
+                                     "ActorUnavailable"))
 
 
 def _default_threads(workers: int, use_gpu: bool) -> int | None:

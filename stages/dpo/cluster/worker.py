@@ -208,16 +208,15 @@ class RoundWorker:
     def weight_metadata(self, dtype: str | None = None) -> list:
         from pipeline.engines.sync.collective import weight_metadata
 
-        with _merged(self.policy):
-            return weight_metadata(_served_model(self.policy), self.served_dtype(dtype))
+        return weight_metadata(self.policy, self.served_dtype(dtype))
 
     def sync(self, group: dict, dtype: str | None = None) -> dict:
-        """Send the served weights (the EMA when kept; LoRA merged) to the engines' group; every worker gathers,
-        rank 0 sends."""
+        """Send the served weights (the EMA when kept; LoRA merged by the sender) to the engines' group: every
+        worker gathers, rank 0 sends."""
         from pipeline.engines.sync.collective import CollectiveSender
 
-        with shard.ema_weights(self.policy, self.ema), _merged(self.policy):
-            return CollectiveSender(group).send(_served_model(self.policy), self.served_dtype(dtype)) or {}
+        with shard.ema_weights(self.policy, self.ema):
+            return CollectiveSender(group).send(self.policy, self.served_dtype(dtype))
 
     def checkpoint(self, folder: str) -> None:
         shard.save_sharded(self.policy, self.ema, Path(folder))
@@ -296,7 +295,8 @@ def serve(spec: dict) -> dict:
             answers.put({"error": f"{type(exc).__name__}: {exc}"})
         raise
     if rank == 0:
-        answers.put({"ok": {"pid": os.getpid(), "world_size": size}})
+        answers.put({"ok": {"pid": os.getpid(), "world_size": size, "node_ip": ray.util.get_node_ip_address()}})
+    seen: dict[str, int] = {}
     while True:
         box = [requests.get() if rank == 0 else None]
         if size > 1:
@@ -304,8 +304,9 @@ def serve(spec: dict) -> dict:
         op, kwargs = box[0]
         if op == "stop":
             break
-        kill = spec.get("kill_rank_in")  # tests: SIGKILL this worker at its first request `op` (a real crash)
-        if kill and kill[0] == rank and kill[1] == op:
+        seen[op] = seen.get(op, 0) + 1
+        kill = spec.get("kill_rank_in")  # tests: (rank, op, n): SIGKILL that worker at its n-th `op` (a real crash)
+        if kill and (kill[0], kill[1], kill[2]) == (rank, op, seen[op]):
             os.kill(os.getpid(), signal.SIGKILL)
         try:
             result = getattr(worker, op)(**kwargs)
