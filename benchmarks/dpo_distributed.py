@@ -48,6 +48,8 @@ def train_comparison(policy: str, pairs: list[dict], sft: list[dict], base: dict
     from stages.dpo.local import LocalRoundTrainer
 
     out: dict = {"local": [], "ray": []}
+    for side in ("local", "ray"):
+        (work / side).mkdir(parents=True, exist_ok=True)
     local = LocalRoundTrainer(policy, work / "local", 0, sft,
                               OnlineDPOConfig(**base, gradient_accumulation_steps=workers))
     for r in range(1, repeats + 1):
