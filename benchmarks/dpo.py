@@ -157,7 +157,9 @@ def main() -> None:
     trained = {i for p in offline for i in pair_items(p)} | {source_item(r) for r in sft}
     split = split_prompts(prompts, cfg, args.seed, set(rm_info.pop("items")), trained)
     train, held = split.train, split.held_out
-    ensure_ray()
+    # Logical CPUs above the cores: the training job's workers, the engines and the scoring actor are up at once
+    # and each reserves 1 CPU (they take turns computing).
+    ensure_ray(num_cpus=max(8, os.cpu_count() or 1))
     t0 = time.perf_counter()
     with WorkerPool(PoolConfig(model=policy_path, dtype="float32", max_model_len=2048, kv_cache_gib=2)) as pool, \
             RewardPool(rm_path) as scorer, tempfile.TemporaryDirectory(prefix="bench-dpo-") as work:

@@ -168,7 +168,9 @@ def main() -> None:
     sft = sft_records(docs[200:240])
     base = dict(batch_size=2, learning_rate=1e-5, max_length=384, epochs_per_round=1, chosen_loss_coef=0.2,
                 sft_replay_coef=0.1, replay_batch_size=2)
-    ensure_ray()
+    # Logical CPUs above the cores: the training job's workers, the engines and the scoring actor are up at once
+    # and each reserves 1 CPU (they take turns computing).
+    ensure_ray(num_cpus=max(8, os.cpu_count() or 1))
     out: dict = {"benchmark": "dpo_distributed", "policy": args.policy, "workers": args.workers,
                  "engines": args.engines, "pairs": len(pairs), "machine": platform.processor() or platform.machine(),
                  "cpus": os.cpu_count()}
