@@ -15,12 +15,8 @@ import ray
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.engines.sync.collective import (
-    CollectiveSender,
-    CollectiveTransport,
-    plan_buckets,
-    weight_metadata,
-)
+from pipeline.engines.sync.collective import CollectiveSender, CollectiveTransport, weight_metadata
+from pipeline.engines.sync.collective_group import plan_buckets
 from pipeline.engines.sync.tensors import checkpoint_format_tensors
 from tests.test_weight_sync import MESSAGES, _completion, _hf_logprobs, _mad, _perturb
 

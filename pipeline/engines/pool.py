@@ -330,6 +330,13 @@ class WorkerPool:
         target = dtype or getattr(torch, self.dtype)
         return self._transports.sync(model, target, transport or self.config.sync_transport).as_dict()
 
+    def sync_remote(self, metadata: list, send: Callable[[dict], Any], master_address: str | None = None) -> dict:
+        """Push weights that a trainer job's ranks send, through the collective transport: ``metadata`` is
+        ``collective.weight_metadata(model, dtype)`` (checked against the served checkpoint first), ``send(spec)``
+        makes every rank run ``CollectiveSender(spec).send``; ``master_address`` is trainer rank 0's node. Returns
+        ``sync_weights``' timings."""
+        return self._transports.sync_remote(metadata, send, master_address).as_dict()
+
     def reset_sync(self) -> None:
         """Close the sync transports (the shared segment, the first-sync check, a fallback they made): the next
         sync sets them up as in a fresh pool. The engines keep the weights they hold."""

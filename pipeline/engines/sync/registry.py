@@ -98,6 +98,13 @@ class SyncTransports:
         raise RuntimeError(f"no weight-sync transport could sync {self.pool.model_path} (tried {', '.join(chain)}); "
                            f"the last of {AUTO_ORDER} must apply to every pool")
 
+    def sync_remote(self, metadata: list, send: Any, master_address: str | None = None) -> SyncResult:
+        """A collective sync whose sender is a trainer job outside this process (``CollectiveTransport.sync_remote``);
+        it becomes the sync that restores restarted workers."""
+        result = self.get("collective").sync_remote(metadata, send, master_address=master_address)
+        self.last = "collective"
+        return result
+
     def restore(self, worker: int) -> None:
         """Give a restarted worker the weights of the last sync."""
         if self.last is not None:

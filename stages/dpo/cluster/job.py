@@ -115,9 +115,9 @@ class ClusterRoundTrainer:
             self._job.join(120)
         self._close_queues()
         self._job = None
-        transport, self._transport = getattr(self, "_transport", None), None
-        if transport is not None:
-            transport.close()
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.reset_sync()
 
     def _close_queues(self) -> None:
         for q in (getattr(self, "_requests", None), getattr(self, "_answers", None)):
@@ -137,21 +137,14 @@ class ClusterRoundTrainer:
     def sync(self, pool) -> dict:
         """The served weights into ``pool``'s engines through the collective transport: shapes checked first,
         then the engines receive while every worker gathers and rank 0 sends. A restarted job gets a new group."""
-        from pipeline.engines.sync.collective import CollectiveTransport
-
-        transport = pool._transports.get("collective")
-        if not isinstance(transport, CollectiveTransport):
-            raise TypeError("the pool's collective transport is not pipeline.engines.sync.collective's")
         if getattr(self, "_synced_job", None) is not self._job:
-            transport.close()  # a (re)started job: build a new group with the new sender
+            pool.reset_sync()  # a (re)started job: the engines leave the old group, the sync builds a new one
             self._synced_job = self._job
-        self._transport = transport
+        self._pool = pool
         dtype = pool.dtype
         meta = self.call("weight_metadata", dtype=dtype)
-        result = transport.sync_remote(meta, lambda group: self.call("sync", group=group, dtype=dtype),
-                                       master_address=self.info["node_ip"])
-        pool._transports.last = "collective"
-        return result.as_dict()
+        return pool.sync_remote(meta, lambda group: self.call("sync", group=group, dtype=dtype),
+                                master_address=self.info["node_ip"])
 
     def checkpoint(self, rdir: Path) -> None:
         self.call("checkpoint", folder=str(Path(rdir).resolve() / CHECKPOINT))
