@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup test test-fast chromium demo lint bench clean
+.PHONY: setup test test-fast chromium demo lint bench gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ bench: setup
 	$(BIN)/python -m benchmarks.stages
 	$(BIN)/python -m benchmarks.sft
 	$(BIN)/python -m benchmarks.dpo
+
+# One GPU, two online DPO rounds on a ~1B random MoE (benchmarks/gpu_smoke.py). Not on `setup`'s CPU venv: run it
+# where the cuda extra is installed (pip install -e ".[cuda]"), e.g. `make gpu-smoke GPU_PY=python`.
+GPU_PY ?= python
+gpu-smoke:
+	$(GPU_PY) -m benchmarks.gpu_smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache

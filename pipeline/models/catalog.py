@@ -178,20 +178,15 @@ def calibration_ids(tok, n_docs: int = 12, max_tokens: int = 256) -> list:
     return [tok(topics[n], return_tensors="pt")["input_ids"][:, :max_tokens] for n in names]
 
 
-def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Path, Path]:
-    """Random tiny dense + MoE models with the real tokenizer (fast tests)."""
+def random_models(cfg: TinyConfig):
+    """(dense, MoE upcycled from it, tokenizer): random-initialized models of shape ``cfg`` with the real
+    tokenizer, in float32 on CPU (the tiny test models; larger shapes for benchmarks)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from pipeline.models.upcycle import UpcycleConfig, upcycle
 
-    cfg = cfg or TinyConfig()
     dense_path = prepare_dense()
-    record = {"kind": "tiny", "shape": asdict(cfg), "version": BUILD_VERSION}
-    d_dest, m_dest = models_dir() / TINY_DENSE, models_dir() / TINY_MOE
-    if not force and _record(d_dest) == record and _record(m_dest) == record:
-        return d_dest, m_dest
-    _check_writable(d_dest)
     tok = AutoTokenizer.from_pretrained(dense_path)
     real = LlamaConfig.from_pretrained(dense_path)
     torch.manual_seed(cfg.seed)
@@ -213,11 +208,23 @@ def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Pa
     )
     dense = LlamaForCausalLM(dcfg).to(torch.float32).eval()
     moe = upcycle(dense, UpcycleConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, router_init_std=0.5, seed=cfg.seed))
-    # Tiny random models need experts that differ, or routing tests learn nothing; perturb them.
+    # Random models need experts that differ, or routing tests learn nothing; perturb them.
     with torch.no_grad():
         for module in moe.modules():
             if hasattr(module, "gate_up_proj") and module.gate_up_proj.dim() == 3:
                 module.gate_up_proj.add_(torch.randn_like(module.gate_up_proj) * 0.02)
+    return dense, moe, tok
+
+
+def prepare_tiny(cfg: TinyConfig | None = None, force: bool = False) -> tuple[Path, Path]:
+    """Random tiny dense + MoE models with the real tokenizer (fast tests)."""
+    cfg = cfg or TinyConfig()
+    record = {"kind": "tiny", "shape": asdict(cfg), "version": BUILD_VERSION}
+    d_dest, m_dest = models_dir() / TINY_DENSE, models_dir() / TINY_MOE
+    if not force and _record(d_dest) == record and _record(m_dest) == record:
+        return d_dest, m_dest
+    _check_writable(d_dest)
+    dense, moe, tok = random_models(cfg)
     write_folder_atomically(d_dest, lambda tmp: _save(dense, tok, tmp), record)
     write_folder_atomically(m_dest, lambda tmp: _save(moe, tok, tmp), record)
     return d_dest, m_dest

@@ -159,6 +159,14 @@ class OnlineDPOConfig(BaseModel):
     reward: RewardPoolConfig = Field(default_factory=RewardPoolConfig)
     """Ray actors that score samples with the `reward_model` input."""
 
+    def train_dtype(self, device_type: str):
+        """The torch dtype of the policy and the reference on a ``device_type`` device (``dtype``'s auto rule)."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if device_type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
     @model_validator(mode="after")
     def _some_preference_loss(self) -> OnlineDPOConfig:
         if self.dpo_weight == 0 and self.chosen_loss_coef == 0:

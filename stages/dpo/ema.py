@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 
 def init_ema(model) -> dict:
-    """EMA tensors (name -> copy of the parameter) starting at the model's weights."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    """EMA tensors (name -> float32 copy of the parameter, on its device) starting at the model's weights: a
+    bfloat16 average would drop the small steps it adds up."""
+    return {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
 
 def ema_callback(ema: dict, decay: float):

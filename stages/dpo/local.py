@@ -28,12 +28,15 @@ class LocalRoundTrainer:
             raise ValueError("dpo.lora trains on the Ray Train job; fix: set dpo.distributed.backend: ray (one CPU "
                              "worker is fine) or remove dpo.lora")
         self.cfg, self.work = cfg, work
-        dtype = torch.float32 if cfg.dtype in ("auto", "float32") else torch.bfloat16
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = cfg.train_dtype(device)
         self.tokenizer = AutoTokenizer.from_pretrained(sft_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.policy = AutoModelForCausalLM.from_pretrained(state.start_policy(work, sft_path, done), dtype=dtype)
-        self.ref_model = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval()
+        # On the device TRL trains on: the reference's log-probs (``ref_logprobs``) run outside the trainer.
+        self.policy = AutoModelForCausalLM.from_pretrained(state.start_policy(work, sft_path, done), dtype=dtype,
+                                                           device_map=device)
+        self.ref_model = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype, device_map=device).eval()
         self.ref_model.requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -43,13 +43,6 @@ REF_BATCH = 4
 """Rows per reference forward (reference log-probabilities and the KL's)."""
 
 
-def train_dtype(cfg: OnlineDPOConfig, device: torch.device) -> torch.dtype:
-    """The policy's and the reference's dtype: float32 on CPU and bfloat16 on GPU unless configured."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
-
-
 def collective_map(items: Sequence[Any], batch_size: int, run: Callable[[list], list]) -> list:
     """``run`` over batches of ``items`` split across the workers, results in item order on every worker. Each
     worker runs the same number of batches (repeats of the first batch, whose results are dropped, fill in)."""
@@ -86,7 +79,7 @@ class RoundWorker:
         self.cfg = cfg = OnlineDPOConfig(**spec["config"])
         self.seed = spec["seed"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.get("use_gpu") else torch.device("cpu")
-        self.dtype = train_dtype(cfg, self.device)
+        self.dtype = cfg.train_dtype(self.device.type)
         self.tokenizer = AutoTokenizer.from_pretrained(spec["sft_path"])
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
