@@ -19,11 +19,12 @@ SEED_FIELDS: tuple[str, ...] = ("id", "text", "source_kind", "source", "license"
 read with, None for text that came as strings)."""
 
 INSTRUCTION_FIELDS: tuple[str, ...] = ("id", "instruction", "domain", "task_type", "seed_id", "source_kind",
-                                       "parent_id", "operator", "round", "model", "template")
+                                       "parent_id", "operator", "round", "model", "template", "constraints")
 """Fields of an `instructions` / `evolved` record, and the instruction part of an `answers` record."""
 
 LINEAGE_FIELDS: tuple[str, ...] = ("instruction", "domain", "task_type", "seed_id", "source_kind", "parent_id",
-                                   "operator", "round", "model", "template", "answer_role", "objective")
+                                   "operator", "round", "model", "template", "answer_role", "objective",
+                                   "constraints")
 """Instruction fields the filter copies onto every `sft` and `preferences` row (those present in the input)."""
 
 PAIR_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")

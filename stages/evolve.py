@@ -4,7 +4,11 @@
 - harder: make it more difficult;
 - expand: self-instruct augmentation for the domains that the taxonomy counts show are
   under-represented (their share below ``target_share``): a new instruction written from a few
-  examples of that domain (or its description when it has none yet).
+  examples of that domain (or its description when it has none yet);
+- constrain: add one to three verifiable constraints (``critique.constraints``: length, case, format,
+  keywords, ...) to an instruction, written by code, not the model, and kept on the record
+  (``constraints``) so the filter can check every answer against them. A constrained instruction is not
+  evolved further (a model rewrite could drop a constraint the record still lists).
 
 Round 1 evolves the generated instructions; round r evolves what round r-1 produced, so
 instructions can get harder twice. Every evolved instruction records its lineage (parent id,
@@ -24,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from critique import constraints as constraint_library
 from pipeline.records import INSTRUCTION_FIELDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
 from pipeline.templates import TemplateError, chat_messages, check_template, load_yaml_file, render
@@ -31,7 +36,9 @@ from stages.generate import instruction_id
 from stages.instruction_parsing import instruction_key, parse_instruction
 from stages.taxonomy import DEFAULT_TAXONOMY, Taxonomy, domain_counts, expansion_targets, load_taxonomy
 
-OPERATORS = ("clarity", "expand", "harder")
+OPERATORS = ("clarity", "expand", "harder", "constrain")
+MODEL_OPERATORS = ("clarity", "expand", "harder")
+"""The operators the model runs (each has a prompt in the operator prompt file)."""
 OPERATOR_FIELDS = {"instruction", "kind", "Kind", "domain", "description", "examples"}
 
 
@@ -49,7 +56,11 @@ class EvolveConfig(BaseModel):
     rounds: int = Field(1, ge=0, le=10)
     """Evolution rounds; round r evolves the instructions round r-1 produced (0: pass through)."""
     mix: dict[str, float] = Field(default_factory=lambda: {"clarity": 0.35, "harder": 0.35, "expand": 0.3})
-    """Relative weight of each operator (clarity, harder, expand); 0 disables one."""
+    """Relative weight of each operator (clarity, harder, expand, constrain); 0 (or absent) disables one."""
+    constraint_kinds: list[str] = Field(default_factory=lambda: list(constraint_library.KINDS))
+    """Constraint kinds the constrain operator draws from (``critique.constraints.KINDS``)."""
+    max_constraints: int = Field(3, ge=1, le=5)
+    """Most constraints the constrain operator adds to one instruction (it draws 1..this many)."""
     fraction: float = Field(1.0, gt=0, le=1)
     """Share of each round's input instructions that get evolved (a seeded choice per instruction)."""
     examples: int = Field(3, ge=0, le=10)
@@ -77,18 +88,26 @@ class EvolveConfig(BaseModel):
             raise ValueError("weights must be >= 0 with a positive sum")
         return mix
 
+    @field_validator("constraint_kinds")
+    @classmethod
+    def _check_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - set(constraint_library.KINDS))
+        if unknown or not kinds:
+            raise ValueError(f"unknown or no constraint kinds {unknown}; known: {list(constraint_library.KINDS)}")
+        return kinds
+
 
 def load_operator_prompts(path: str) -> tuple[str | None, dict[str, dict[str, str]]]:
     """(system prompt, operator -> {prompt, prompt_no_examples}); errors name the file and entry."""
     data = load_yaml_file(path)
     ops = data.get("operators")
     if not isinstance(ops, dict):
-        raise TemplateError(f"{path}: needs a mapping `operators` with {list(OPERATORS)}")
-    missing = set(OPERATORS) - set(ops)
+        raise TemplateError(f"{path}: needs a mapping `operators` with {list(MODEL_OPERATORS)}")
+    missing = set(MODEL_OPERATORS) - set(ops)
     if missing:
         raise TemplateError(f"{path}: operators {sorted(missing)} missing")
     out: dict[str, dict[str, str]] = {}
-    for name in OPERATORS:
+    for name in MODEL_OPERATORS:
         entry = ops[name]
         if not isinstance(entry, dict) or "prompt" not in entry:
             raise TemplateError(f"{path}: operators.{name} needs a `prompt`")
@@ -122,6 +141,9 @@ def plan_round(inputs: list[dict], everything: list[dict], cfg: EvolveConfig, ta
     chosen: list[tuple[dict, str]] = []
     for rec in inputs:
         rng = random.Random(record_seed(run_seed, rec["id"], f"evolve:{round_no}"))
+        if constraint_library.record_constraints(rec):
+            skipped["constrained"] += 1
+            continue
         if rng.random() >= cfg.fraction:
             skipped["not_selected"] += 1
             continue
@@ -147,6 +169,10 @@ def plan_round(inputs: list[dict], everything: list[dict], cfg: EvolveConfig, ta
             examples = rng.sample(pool, min(cfg.examples, len(pool)))
             job.update(target_domain=domain, examples=[e["instruction"] for e in examples],
                        example_ids=[e["id"] for e in examples])
+        if op == "constrain":
+            rng = random.Random(record_seed(run_seed, rec["id"], f"constrain:{round_no}"))
+            job["constraints"] = constraint_library.sample_constraints(rec["instruction"], rng, cfg.constraint_kinds,
+                                                                       cfg.max_constraints)
         jobs.append(job)
     return jobs, dict(skipped)
 
@@ -162,21 +188,35 @@ def _job_prompt(job: dict, prompts: dict[str, dict[str, str]], taxonomy: Taxonom
                   domain=domain, description=description, examples=examples)
 
 
+def constrain_candidate(job: dict) -> dict:
+    """The constrain operator's candidate: the parent with its job's constraints appended (no model call)."""
+    parent = job["parent"]
+    text = constraint_library.constrained_instruction(parent["instruction"], job["constraints"])
+    return {**{k: parent.get(k) for k in INSTRUCTION_FIELDS}, "id": instruction_id(text), "instruction": text,
+            "parent_id": parent["id"], "operator": "constrain", "round": job["round"], "model": None,
+            "template": "evolve:constrain", "constraints": constraint_library.dump(job["constraints"]), "raw": "",
+            "reject_reason": None}
+
+
 def evolve_jobs(jobs: list[dict], cfg: EvolveConfig, pool, run_seed: int = 0) -> list[dict]:
-    """Run planned jobs through the pool; one candidate per job (``reject_reason`` None when kept)."""
+    """Run planned jobs (the model's through the pool); one candidate per job, in job order (``reject_reason``
+    None when kept)."""
     from pipeline.engines.pool import ChatRequest
 
+    by_model = [job for job in jobs if job["operator"] != "constrain"]
+    done = {id(job): constrain_candidate(job) for job in jobs if job["operator"] == "constrain"}
+    if not by_model:
+        return [done[id(job)] for job in jobs]
     system, prompts = load_operator_prompts(cfg.prompts)
     taxonomy = load_taxonomy(cfg.taxonomy)
-    texts = [_job_prompt(job, prompts, taxonomy) for job in jobs]
+    texts = [_job_prompt(job, prompts, taxonomy) for job in by_model]
     requests = [ChatRequest(messages=chat_messages(system, text), n=1, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_tokens=cfg.max_tokens,
                             seed=record_seed(run_seed, job["parent"]["id"], f"evolve:{job['round']}:{job['operator']}"))
-                for job, text in zip(jobs, texts, strict=True)]
+                for job, text in zip(by_model, texts, strict=True)]
     results = pool.generate(requests)
     model = pool.config.model
-    out = []
-    for job, result in zip(jobs, results, strict=True):
+    for job, result in zip(by_model, results, strict=True):
         parent = job["parent"]
         op = job["operator"]
         raw = result.completions[0].text if result.completions else ""
@@ -188,7 +228,7 @@ def evolve_jobs(jobs: list[dict], cfg: EvolveConfig, pool, run_seed: int = 0) ->
             # self-instruct must not hand back one of its examples
             if any(instruction_key(text) == instruction_key(e) for e in job["examples"]):
                 text, reason = None, "copy"
-        out.append({
+        done[id(job)] = {
             "id": instruction_id(text) if text else f"rejected-{parent['id']}-{op}-r{job['round']}",
             "instruction": text or "",
             "domain": job["target_domain"],
@@ -196,9 +236,10 @@ def evolve_jobs(jobs: list[dict], cfg: EvolveConfig, pool, run_seed: int = 0) ->
             "seed_id": parent["seed_id"], "source_kind": parent["source_kind"],
             "parent_id": (job["example_ids"][0] if op == "expand" and job["example_ids"] else parent["id"]),
             "operator": op, "round": job["round"], "model": model,
-            "template": f"evolve:{op}", "raw": raw, "reject_reason": reason,
-        })
-    return out
+            "template": f"evolve:{op}", "constraints": constraint_library.NO_CONSTRAINTS, "raw": raw,
+            "reject_reason": reason,
+        }
+    return [done[id(job)] for job in jobs]
 
 
 def select_round(candidates: list[dict], existing: set[str]) -> tuple[list[dict], Counter]:
@@ -265,6 +306,8 @@ def evolve_all(instructions: list[dict], cfg: EvolveConfig, pool, run_seed: int 
         "by_operator": {op: {"attempted": c["attempted"], "kept": c["kept"]} for op, c in by_op.items()},
         "domains_before": domain_counts((r["domain"] for r in instructions), taxonomy),
         "domains_after": counts,
+        "constraints_by_kind": dict(sorted(Counter(c["kind"] for r in everything
+                                                   for c in constraint_library.record_constraints(r)).items())),
     })
     return everything, metrics
 
@@ -273,11 +316,15 @@ def run(ctx: StageContext) -> None:
     cfg: EvolveConfig = ctx.config
     load_operator_prompts(cfg.prompts)  # fail on a bad prompt file before any engine starts
     instructions = ctx.read("instructions").to_list()
-    pool = ctx.pool(cfg.model) if cfg.rounds > 0 else None
+    model_ops = any(cfg.mix.get(op, 0) > 0 for op in MODEL_OPERATORS)
+    pool = ctx.pool(cfg.model) if cfg.rounds > 0 and model_ops else None
     evolved, metrics = evolve_all(instructions, cfg, pool, ctx.seed,
                                   map_fn=lambda name, jobs, fn: ctx.map(name, jobs, fn, desc=f"evolve {name}"))
     ctx.write("evolved", evolved)
     ctx.metrics.update(metrics)
+    from critique.decontaminate import benchmark_overlap
+
+    ctx.metrics["decontamination"] = benchmark_overlap([r["instruction"] for r in evolved])
     ctx.log.info("evolve: %d in, %d evolved kept, %d failed %s", len(instructions), metrics["evolved"],
                  metrics["failed"], metrics["failed_by_reason"])
 

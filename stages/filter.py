@@ -3,6 +3,8 @@
 Per shard (resumable, through ``ctx.map`` into the intermediate ``filter_graded``):
   1. rules (critique/rules.py): truncation, garbled text, format errors, repetition;
   2. self-consistency (critique/consistency.py) on the k responses of objective questions;
+  2b. verification (critique/verify.py): responses to instructions with verifiable constraints
+      (the evolve stage's constrain operator) must follow every one;
   3. the critique model (critique/grade.py) grades every response still standing, 4 tiers.
 Then over the whole dataset:
   4. responses below `min_tier` go;
@@ -32,6 +34,8 @@ from critique.grade import CritiqueConfig, grade_pairs, parse_rate
 from critique.prompts import load_prompts
 from critique.rubric import DIMENSIONS, TIERS, rank_key
 from critique.rules import RULES, RulesConfig, apply_rules
+from critique.verify import STEP as VERIFY_STEP
+from critique.verify import apply_constraints, verification_metrics
 from pipeline.records import LINEAGE_FIELDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, StageError, record_seed
 
@@ -50,7 +54,7 @@ class PreferenceConfig(BaseModel):
     max_pairs_per_instruction: int = Field(2, ge=1)
     """Pairs per instruction: best vs worst, second best vs second worst, ..."""
     include_rejected: bool = True
-    """Responses rejected by the rules or by self-consistency can be the rejected side of a pair
+    """Responses rejected by the rules, self-consistency or constraint verification can be the rejected side of a pair
     (score 0, the rule's reason as their reason): truncated, garbled, looping or wrong answers are
     exactly what a reward model must rank low."""
 
@@ -109,6 +113,7 @@ def grade_records(records: list[dict], cfg: FilterConfig, get_pool: Callable[[],
     check_answers(records)
     out, _ = apply_rules(records, cfg.rules)
     out, _ = apply_consistency(out, cfg.consistency)
+    out = apply_constraints(out)
     todo = [(i, j) for i, rec in enumerate(out) for j, r in enumerate(rec["responses"]) if not r.get("rejected_by")]
     for rec in out:
         for r in rec["responses"]:
@@ -193,7 +198,7 @@ def select_outputs(graded: list[dict], cfg: FilterConfig) -> tuple[list[dict], l
     """From the graded records: tier threshold, dedup, then the `sft` rows, the `preferences`
     pairs and the metrics (funnel, rule counts, critique parse figures, tiers, agreement)."""
     records = [{**rec, "responses": [dict(r) for r in rec["responses"]]} for rec in graded]
-    steps = [*[r for r in RULES if r in cfg.rules.enabled], "consistency", "critique_unparseable", "tier"]
+    steps = [*[r for r in RULES if r in cfg.rules.enabled], "consistency", VERIFY_STEP, "critique_unparseable", "tier"]
     # 4. tier threshold
     for rec in records:
         for r in rec["responses"]:
@@ -274,7 +279,7 @@ def preference_pairs(records: list[dict], cfg: FilterConfig) -> list[dict]:
             crit = r.get("critique") or {}
             if crit.get("tier") is not None and r.get("rejected_by") not in ("duplicate_response",):
                 cands.append((crit["tier"], _resp_key(rec, r), r, crit.get("reason", "")))
-            elif pc.include_rejected and r.get("rejected_by") in (*RULES, "consistency"):
+            elif pc.include_rejected and r.get("rejected_by") in (*RULES, "consistency", VERIFY_STEP):
                 cands.append((0, (0.0, 0.0, 0.0), r, (r.get("rule_reasons") or [""])[0]))
         cands.sort(key=lambda c: c[1], reverse=True)
         used = set()
@@ -342,6 +347,7 @@ def _metrics(records: list[dict], funnel: list[dict], cfg: FilterConfig, n_sft: 
         "rules": rule_counts,
         "critique": {**stats, "parse_rate": parse_rate(stats), "policy": cfg.critique.on_unparseable},
         "tiers": {str(t): tiers.get(t, 0) for t in TIERS},
+        "verification": verification_metrics(records),
         "consistency": {"records_checked": len(checked), "by_kind": dict(kinds),
                         "mean_agreement": round(sum(checked) / len(checked), 4) if checked else None,
                         "below_threshold": sum(a < cfg.consistency.min_agreement for a in checked)},

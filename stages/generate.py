@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from critique.constraints import NO_CONSTRAINTS
 from pipeline.records import INSTRUCTION_FIELDS, SOURCE_KINDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
 from pipeline.templates import TemplateError, chat_messages, check_template, load_yaml_file, render
@@ -180,7 +181,7 @@ def generate_candidates(seeds: list[dict], cfg: GenerateConfig, pool, run_seed: 
             "domain": label_domain(text, taxonomy, template.task_type) if text is not None else "",
             "task_type": template.task_type, "seed_id": seed["id"], "source_kind": seed["source_kind"],
             "parent_id": None, "operator": None, "round": 0, "model": model, "template": template.id,
-            "raw": raw, "reject_reason": reason,
+            "constraints": NO_CONSTRAINTS, "raw": raw, "reject_reason": reason,
         })
     return out
 

@@ -218,6 +218,29 @@ def test_best_worst_pairs_pick_extremes_count_ties_and_break_score_ties_by_order
     assert again[0]["id"] == p["id"] != other[0]["id"]
 
 
+def test_verifier_verdicts_outrank_reward_scores_when_pairing():
+    """A prompt with constraints: the sample that follows them is chosen over higher-scored ones that do not, and
+    the pair stands even where the scores tie; a prompt without constraints pairs by score alone."""
+    from critique.constraints import dump
+    from stages.dpo.rollout import constraint_verdicts
+
+    no_commas = dump([{"kind": "no_commas", "params": {}, "text": "Do not use any commas."}])
+    prompts = [{"id": "c1", "messages": [{"role": "user", "content": "q"}], "constraints": no_commas},
+               {"id": "c2", "messages": [{"role": "user", "content": "q"}], "constraints": no_commas},
+               {"id": "c3", "messages": [{"role": "user", "content": "q"}], "constraints": "[]"}]
+    results = [_result(["a, b", "a b", "c, d"]), _result(["x y", "x, y"]), _result(["e, f", "g h"])]
+    verdicts = constraint_verdicts(prompts, results)
+    assert verdicts == [[False, True, False], [True, False], None]
+    scores = [[2.0, -1.0, 0.5], [0.3, 0.3], [0.0, 1.0]]
+    pairs, ties = best_worst_pairs(prompts, results, scores, min_gap=0.05, round_index=1, verdicts=verdicts)
+    assert ties == 0
+    got = {p["instruction_id"]: (p["chosen"][0]["content"], p["rejected"][0]["content"], p["verified"]) for p in pairs}
+    # c1: the worst is the lower-scored violating sample; c2: a score tie, kept for the verdicts
+    assert got == {"c1": ("a b", "c, d", True), "c2": ("x y", "x, y", True), "c3": ("g h", "e, f", False)}
+    unverified, ties = best_worst_pairs(prompts, results, scores, 0.05, 1)
+    assert ties == 1 and unverified[0]["chosen"][0]["content"] == "a, b"  # without verdicts: by score
+
+
 def _tiny_lm():
     """A random two-layer Llama built from a config (no download): a real transformers causal LM."""
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from stages.taxonomy import domain_counts, expansion_targets, load_taxonomy, und
 def _instruction(text: str, domain: str, task_type: str = "qa", seed: str = "seed-0") -> dict:
     return {"id": instruction_id(text), "instruction": text, "domain": domain, "task_type": task_type,
             "seed_id": seed, "source_kind": "book", "parent_id": None, "operator": None, "round": 0,
-            "model": "test", "template": "text_question"}
+            "model": "test", "template": "text_question", "constraints": "[]"}
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,26 @@ def test_noise_evolutions_are_eliminated(tiny_pool, instructions):
     failed = [c for c in cands if c["reject_reason"]]
     assert len(failed) >= 0.8 * len(cands)
     assert all(not c["instruction"] for c in failed)
+
+
+def test_constrain_adds_verifiable_constraints_without_the_model(instructions):
+    """The constrain operator needs no engine (``pool=None``): each instruction gets 1-3 compatible constraints,
+    phrased after it and listed on the record; a constrained instruction is not evolved again."""
+    from critique.constraints import compatible, record_constraints
+    from critique.decontaminate import benchmark_overlap
+
+    cfg = EvolveConfig(rounds=2, mix={"constrain": 1})
+    evolved, metrics = evolve_all(instructions, cfg, pool=None, run_seed=0)
+    new = evolved[len(instructions):]
+    assert len(new) == len(instructions) and metrics["rounds"][1]["not_evolved"] == {"constrained": len(new)}
+    by_id = {r["id"]: r for r in instructions}
+    for r in new:
+        assert set(r) == set(INSTRUCTION_FIELDS) and r["operator"] == "constrain" and r["model"] is None
+        constraints = record_constraints(r)
+        assert 1 <= len(constraints) <= 3 and compatible([c["kind"] for c in constraints])
+        parent = by_id[r["parent_id"]]["instruction"]
+        assert r["instruction"] == " ".join([parent, *(c["text"] for c in constraints)])
+    assert sum(metrics["constraints_by_kind"].values()) == sum(len(record_constraints(r)) for r in new)
+    again, _ = evolve_all(instructions, cfg, pool=None, run_seed=0)
+    assert again == evolved  # seeded per record
+    assert benchmark_overlap([r["instruction"] for r in new])["texts_overlapping"] == 0

@@ -7,14 +7,16 @@ import hashlib
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
+from critique.constraints import NO_CONSTRAINTS
 from pipeline.records import check_disjoint, source_item
 from pipeline.run.stage import record_seed
 from stages.dpo.config import OnlineDPOConfig
 
 
 def prompt_rows(evolved: Sequence[dict], source: str = "evolved") -> list[dict]:
-    """{id, messages, source, item} per unique instruction of `evolved` (the first record of a duplicate wins);
-    ``item`` is its source item (``pipeline.records.source_item``: the seed it grew from)."""
+    """{id, messages, source, item, constraints} per unique instruction of `evolved` (the first record of a
+    duplicate wins); ``item`` is its source item (``pipeline.records.source_item``: the seed it grew from),
+    ``constraints`` its verifiable constraints (``critique.constraints``; ``"[]"`` when none)."""
     out, seen = [], set()
     for i, row in enumerate(evolved):
         text = row.get("instruction")
@@ -26,7 +28,8 @@ def prompt_rows(evolved: Sequence[dict], source: str = "evolved") -> list[dict]:
         seen.add(text)
         rid = str(row.get("id") or hashlib.sha1(text.encode()).hexdigest()[:16])
         out.append({"id": rid, "messages": [{"role": "user", "content": text}], "source": source,
-                    "item": source_item({"seed_id": row.get("seed_id"), "id": rid})})
+                    "item": source_item({"seed_id": row.get("seed_id"), "id": rid}),
+                    "constraints": row.get("constraints") or NO_CONSTRAINTS})
     return out
 
 

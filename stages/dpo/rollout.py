@@ -44,15 +44,33 @@ def score_results(scorer, prompts: Sequence[dict], results: Sequence) -> list[li
     return out
 
 
+def constraint_verdicts(prompts: Sequence[dict], results: Sequence) -> list[list[bool] | None]:
+    """Per prompt, whether each sample follows every verifiable constraint of the prompt (``critique.constraints``);
+    None for a prompt without constraints."""
+    from critique.constraints import check, record_constraints
+
+    out: list[list[bool] | None] = []
+    for p, r in zip(prompts, results, strict=True):
+        constraints = record_constraints(p)
+        out.append([all(check(c.text, constraints)) for c in r.completions] if constraints else None)
+    return out
+
+
 def best_worst_pairs(prompts: Sequence[dict], results: Sequence, scores: Sequence[Sequence[float]],
-                     min_gap: float, round_index: int) -> tuple[list[dict], int]:
+                     min_gap: float, round_index: int,
+                     verdicts: Sequence[Sequence[bool] | None] | None = None) -> tuple[list[dict], int]:
     """One pair per prompt (best vs worst sample; the earlier sample wins a tie in score); prompts whose gap is
-    under ``min_gap`` are ties (counted)."""
+    under ``min_gap`` are ties (counted). With ``verdicts`` (``constraint_verdicts``) a sample that follows its
+    prompt's constraints ranks above every sample that does not, whatever their scores (a hard preference, as in
+    RL with verifiable rewards), and such a pair is kept whatever its score gap."""
     pairs, ties = [], 0
-    for p, r, s in zip(prompts, results, scores, strict=True):
-        best = max(range(len(s)), key=lambda j: (s[j], -j))
-        worst = min(range(len(s)), key=lambda j: (s[j], j))
-        if s[best] - s[worst] < min_gap or best == worst:
+    verdicts = verdicts or [None] * len(prompts)
+    for p, r, s, v in zip(prompts, results, scores, verdicts, strict=True):
+        ok = v or [False] * len(s)
+        best = max(range(len(s)), key=lambda j: (ok[j], s[j], -j))
+        worst = min(range(len(s)), key=lambda j: (ok[j], s[j], j))
+        verified = ok[best] and not ok[worst]
+        if best == worst or (not verified and s[best] - s[worst] < min_gap):
             ties += 1
             continue
         pairs.append({
@@ -61,7 +79,7 @@ def best_worst_pairs(prompts: Sequence[dict], results: Sequence, scores: Sequenc
             "chosen": [{"role": "assistant", "content": r.completions[best].text}],
             "rejected": [{"role": "assistant", "content": r.completions[worst].text}],
             "source": f"online_round_{round_index}",
-            "chosen_score": float(s[best]), "rejected_score": float(s[worst]),
+            "chosen_score": float(s[best]), "rejected_score": float(s[worst]), "verified": verified,
             "instruction_id": p["id"], "round": round_index, "n_samples": len(s),
             "chosen_finish_reason": r.completions[best].finish_reason,
             "rejected_finish_reason": r.completions[worst].finish_reason,
@@ -147,17 +165,22 @@ def rollout_round(pool, scorer, ref_logprobs: Callable[[list], list[float]], pro
         results = sample(pool, prompts, cfg.samples_per_prompt, cfg, seed, round_salt(round_index), logprobs=True)
     with clock("score"):
         scores = score_results(scorer, prompts, results)
+        verdicts = constraint_verdicts(prompts, results)
     with clock("kl"):
         kl = kl_estimate(results, ref_logprobs=ref_logprobs, max_samples=cfg.kl_samples,
                          seed=seed * 1000 + round_index)
-    pairs, ties = best_worst_pairs(prompts, results, scores, cfg.min_reward_gap, round_index)
+    pairs, ties = best_worst_pairs(prompts, results, scores, cfg.min_reward_gap, round_index, verdicts)
     flat = [s for row in scores for s in row]
+    checked = [ok for row in verdicts if row is not None for ok in row]
     stats = {
         M.PROMPTS: len(prompts), M.SAMPLES: len(flat), M.TIES: ties,
         M.SAMPLE_TOKENS: sum(len(c.token_ids) for res in results for c in res.completions),
         M.REWARD_MEAN: statistics.fmean(flat), M.REWARD_STD: statistics.pstdev(flat),
         M.REWARD_MARGIN: statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in pairs)
         if pairs else float("nan"),
+        M.VERIFIED_SAMPLES: len(checked),
+        M.VERIFIED_PASS_RATE: statistics.fmean(checked) if checked else float("nan"),
+        M.PAIRS_VERIFIED: sum(p["verified"] for p in pairs),
         **kl,
     }
     return pairs, stats
