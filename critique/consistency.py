@@ -11,17 +11,17 @@ answer and (by default) all its responses are rejected.
 
 from __future__ import annotations
 
+import json
 import logging
-import os
+import math
 import re
-import subprocess
-import sys
-import tempfile
 import threading
 from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from critique.sandbox import MiB, SandboxLimits, run_python
 
 AnswerKind = Literal["math", "choice", "short", "code"]
 
@@ -52,7 +52,27 @@ class ConsistencyConfig(BaseModel):
     short_answer_max_words: int = Field(6, ge=1)
     """Short answers longer than this are not short answers (not extracted)."""
     code_timeout_s: float = Field(10.0, gt=0)
-    """Seconds a response's code and the record's tests may run."""
+    """Seconds a response's code and the record's tests may run (wall clock; also their CPU seconds)."""
+    code_memory_mb: int = Field(512, ge=64)
+    """Address space the code may use (RLIMIT_AS, MiB): a larger allocation raises MemoryError."""
+    code_max_processes: int = Field(32, ge=1)
+    """Processes and threads the code may have at once (stops fork bombs)."""
+
+
+NO_TESTS = "[]"
+"""The ``tests`` value of a record without tests (the field is a JSON list of assert statements)."""
+
+
+def record_tests(record: dict) -> list[str]:
+    """The tests a record carries (a JSON list, or a list; none when the field is absent)."""
+    raw = record.get("tests")
+    if raw is None:
+        return []
+    tests = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+        raise ValueError(f"record {record.get('id')!r}: `tests` must be a JSON list of assert statements, "
+                         f"got {raw!r:.80}")
+    return tests
 
 
 # -- extraction -----------------------------------------------------------------------------------
@@ -115,26 +135,26 @@ def extract_short(text: str, max_words: int) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def run_code_tests(text: str, tests: list[str], timeout_s: float) -> str | None:
-    """"pass" / "fail" for the response's Python code blocks run with the tests; None without code.
+def run_code_tests(text: str, tests: list[str], timeout_s: float,
+                   limits: SandboxLimits | None = None) -> str | None:
+    """"pass" / "fail" for the response's Python code blocks run with the tests; None without code
+    (or when the sandbox itself could not run it: that says nothing about the code).
 
-    The code runs in a separate interpreter (isolated mode, empty temp folder as working directory,
-    time limit), never in this process.
+    The code runs in ``critique.sandbox``, never in this process: separate interpreter, throwaway
+    folder, CPU/memory/file/process limits, no network. ``limits`` (default: the sandbox's) gets
+    ``timeout_s`` as its wall and CPU time.
     """
     blocks = _CODE_BLOCK.findall(text)
     if not blocks or not tests:
         return None
     program = "\n\n".join(blocks) + "\n\n" + "\n".join(tests) + "\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "candidate.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(program)
-        try:
-            proc = subprocess.run([sys.executable, "-I", path], cwd=tmp, capture_output=True, timeout=timeout_s,
-                                  env={"PATH": os.environ.get("PATH", "")}, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return "fail"
-    return "pass" if proc.returncode == 0 else "fail"
+    limits = (limits or SandboxLimits()).model_copy(
+        update={"wall_seconds": timeout_s, "cpu_seconds": max(1, math.ceil(timeout_s))})
+    result = run_python(program, limits)
+    if result.status == "error":
+        _log.warning("the code sandbox could not run a program: %s", result.stderr[-500:])
+        return None
+    return "pass" if result.status == "passed" else "fail"
 
 
 def extract_answer(text: str, kind: AnswerKind, cfg: ConsistencyConfig, tests: list[str] | None = None):
@@ -148,7 +168,8 @@ def extract_answer(text: str, kind: AnswerKind, cfg: ConsistencyConfig, tests: l
     if kind == "short":
         return extract_short(text, cfg.short_answer_max_words)
     if kind == "code":
-        return run_code_tests(text, tests or [], cfg.code_timeout_s)
+        limits = SandboxLimits(memory_bytes=cfg.code_memory_mb * MiB, processes=cfg.code_max_processes)
+        return run_code_tests(text, tests or [], cfg.code_timeout_s, limits)
     raise ValueError(f"consistency.kinds: unknown answer kind {kind!r}; use one of math, choice, short, code")
 
 
@@ -239,7 +260,7 @@ def apply_consistency(records: Iterable[dict], cfg: ConsistencyConfig) -> tuple[
         # A cut-off response has no final answer (its last number is an intermediate one): it votes as
         # "no answer", which never agrees.
         texts = [None if r.get("rejected_by") == "truncation" else r.get("text") for r in responses]
-        result = vote(texts, kind, cfg, rec.get("tests"))
+        result = vote(texts, kind, cfg, record_tests(rec))
         rec.update(answer_kind=kind)
         for r, answer, agrees in zip(responses, result["answers"], result["agrees"], strict=True):
             r["answer"], r["agrees"] = answer, agrees

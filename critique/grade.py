@@ -9,13 +9,15 @@ so that the parse rate of the critique model is measured on every run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import statistics
 from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from critique.parse import parse_critique
+from critique.parse import ParsedCritique, parse_critique
 from critique.prompts import DEFAULT_PROMPTS, critique_messages, load_prompts
 from critique.rubric import DIMENSIONS, MIN_TIER, Critique
 
@@ -35,6 +37,11 @@ class CritiqueConfig(BaseModel):
     stages/sft/critic.py, which was trained without them)."""
     temperature: float = Field(0.0, ge=0)
     """Sampling temperature of the first attempt (0: greedy, the most format-faithful)."""
+    samples: int = Field(1, ge=1, le=16)
+    """Critiques sampled per pair (use a temperature > 0 with more than 1): the pair gets the median tier of
+    those that parse (the lower median for an even count), each dimension its median score, and the reason of a
+    critique with that tier. A 135M critic's single greedy grade is close to noise; the median of several
+    samples is steadier (``python -m benchmarks.critic`` measures it)."""
     max_tokens: int = Field(96, ge=16)
     """Longest critique in tokens (the format needs about 40 plus the reason)."""
     max_chars: int = Field(3000, ge=200)
@@ -93,7 +100,7 @@ def grade_pairs(pairs: Sequence[tuple[str, str]], seeds: Sequence[int], cfg: Cri
         if not todo:
             break
         temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
-        requests = [ChatRequest(messages=messages[i], n=1, temperature=temperature, top_p=1.0,
+        requests = [ChatRequest(messages=messages[i], n=cfg.samples, temperature=temperature, top_p=1.0,
                                 max_tokens=cfg.max_tokens, seed=(seeds[i] + attempt * 7919) % (2**31),
                                 stop=list(prompts.stop) or None) for i in todo]
         outs = pool.generate(requests, progress=progress if attempt == 0 else None)
@@ -102,10 +109,9 @@ def grade_pairs(pairs: Sequence[tuple[str, str]], seeds: Sequence[int], cfg: Cri
             stats["retried"] += len(requests)
         still = []
         for i, out in zip(todo, outs, strict=True):
-            text = out.completions[0].text if out.completions else ""
+            text, parsed = _median_critique([c.text for c in out.completions] or [""])
             raw[i] = text
             attempts[i] += 1
-            parsed = parse_critique(text)
             if parsed.status == "unparseable":
                 if attempt == 0:
                     stats["unparseable_first"] += 1
@@ -128,6 +134,21 @@ def grade_pairs(pairs: Sequence[tuple[str, str]], seeds: Sequence[int], cfg: Cri
             results[i] = Critique(tier=None, scores=dict.fromkeys(DIMENSIONS), reason="unparseable critique",
                                   status="dropped", attempts=attempts[i], raw=raw[i], prompt_fit=fits[i])
     return results, stats  # type: ignore[return-value]
+
+
+def _median_critique(texts: Sequence[str]) -> tuple[str, ParsedCritique]:
+    """(raw text, parsed critique) of several sampled critiques of one pair: the median tier of those that parse,
+    median dimension scores, and the text and reason of the first critique with the median tier. One text: it
+    as parsed. None parse: the last text, unparseable."""
+    parsed = [(t, parse_critique(t)) for t in texts]
+    good = [(t, p) for t, p in parsed if p.status != "unparseable"]
+    if len(parsed) == 1 or not good:
+        return parsed[-1]
+    tier = statistics.median_low([p.tier for _, p in good])
+    text, pick = next((t, p) for t, p in good if p.tier == tier)
+    scores = {d: statistics.median_low(v) if (v := [p.scores.get(d) for _, p in good if p.scores.get(d) is not None])
+              else None for d in DIMENSIONS}
+    return text, dataclasses.replace(pick, tier=tier, scores=scores)
 
 
 @functools.lru_cache(maxsize=4)

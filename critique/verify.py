@@ -60,3 +60,15 @@ def verification_metrics(records: Iterable[dict]) -> dict:
             "pass_rate": round(passed / checked, 4) if checked else None,
             "by_kind": {k: {"checked": c["checked"], "passed": c["passed"],
                             "pass_rate": round(c["passed"] / c["checked"], 4)} for k, c in sorted(by_kind.items())}}
+
+
+def code_test_metrics(records: Iterable[dict]) -> dict:
+    """Code instructions with tests, and their responses run against them in the sandbox and passed (the verdicts
+    self-consistency wrote as each response's ``answer``)."""
+    from critique.consistency import record_tests
+
+    records = list(records)
+    ran = [r["answer"] for rec in records if rec.get("answer_kind") == "code" for r in rec["responses"]
+           if r.get("answer") in ("pass", "fail")]
+    return {"records_with_tests": sum(bool(record_tests(rec)) for rec in records), "responses_run": len(ran),
+            "responses_passed": ran.count("pass")}

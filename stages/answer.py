@@ -15,9 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from critique.consistency import record_tests
 from pipeline.records import INSTRUCTION_FIELDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
 from pipeline.templates import TemplateError, chat_messages, load_yaml_file
+from stages.code_tests import CodeTestsConfig, write_tests
 from stages.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
 
 
@@ -44,6 +46,8 @@ class AnswerConfig(BaseModel):
     """Nucleus sampling threshold."""
     max_tokens: int = Field(256, ge=8)
     """Longest response in tokens (a response cut here has finish_reason 'length')."""
+    code_tests: CodeTestsConfig = Field(default_factory=CodeTestsConfig)
+    """Unit tests for code-writing instructions, kept on the answer record (`tests`) for the filter to run."""
 
 
 def load_answer_prompts(path: str) -> tuple[str | None, dict[str, str]]:
@@ -110,6 +114,9 @@ def answer_instructions(records: list[dict], cfg: AnswerConfig, get_pool: Callab
                       "responses": [{"text": c.text, "model": model, "finish_reason": c.finish_reason,
                                      "n_tokens": len(c.token_ids)} for c in result.completions],
                       "answer_model": model, "answer_role": role, "objective": rec["domain"] in objective}
+    tests = write_tests(records, [route(r["domain"], cfg) for r in records], cfg.code_tests, get_pool, run_seed)
+    for rec, t in zip(out, tests, strict=True):
+        rec["tests"] = t  # type: ignore[index]
     return out  # type: ignore[return-value]
 
 
@@ -123,6 +130,7 @@ def answer_metrics(answers: list[dict]) -> dict[str, Any]:
         "by_model": dict(Counter(a["answer_model"] for a in answers)),
         "objective": sum(bool(a["objective"]) for a in answers),
         "empty_responses": sum(not r["text"].strip() for r in responses),
+        "code_tests_written": sum(bool(record_tests(a)) for a in answers),
     }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from critique.calibration import CalibrationConfig, calibration_figures, grade_known, known_quality_set
 from critique.consistency import ConsistencyConfig, apply_consistency
 from critique.dedup import DedupConfig, duplicate_groups, keep_best
 from critique.grade import CritiqueConfig, grade_pairs, parse_rate
@@ -35,7 +36,7 @@ from critique.prompts import load_prompts
 from critique.rubric import DIMENSIONS, TIERS, rank_key
 from critique.rules import RULES, RulesConfig, apply_rules
 from critique.verify import STEP as VERIFY_STEP
-from critique.verify import apply_constraints, verification_metrics
+from critique.verify import apply_constraints, code_test_metrics, verification_metrics
 from pipeline.records import LINEAGE_FIELDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, StageError, record_seed
 
@@ -72,6 +73,8 @@ class FilterConfig(BaseModel):
     """Self-consistency of objective questions' k responses."""
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     """The 4-tier critique model: prompts, sampling, policy for unparseable critiques."""
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    """The critic's calibration on answers of known quality (figures in the manifest's `critic_calibration`)."""
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     """Exact and near-duplicate instructions and responses across the dataset."""
     min_tier: int = Field(2, ge=1, le=4)
@@ -347,7 +350,7 @@ def _metrics(records: list[dict], funnel: list[dict], cfg: FilterConfig, n_sft: 
         "rules": rule_counts,
         "critique": {**stats, "parse_rate": parse_rate(stats), "policy": cfg.critique.on_unparseable},
         "tiers": {str(t): tiers.get(t, 0) for t in TIERS},
-        "verification": verification_metrics(records),
+        "verification": verification_metrics(records), "code_tests": code_test_metrics(records),
         "consistency": {"records_checked": len(checked), "by_kind": dict(kinds),
                         "mean_agreement": round(sum(checked) / len(checked), 4) if checked else None,
                         "below_threshold": sum(a < cfg.consistency.min_agreement for a in checked)},
@@ -380,6 +383,13 @@ def run(ctx: StageContext) -> None:
     graded = ctx.map("filter_graded", answers, lambda shard: grade_records(shard, cfg, get_pool, ctx.seed),
                      desc="filter: rules + critique")
     sft, prefs, metrics = select_outputs(graded, cfg)
+    if cfg.critique.enabled and cfg.calibration.enabled:
+        known = ctx.map("critic_calibration", known_quality_set(cfg.calibration.items, cfg.calibration.seed),
+                        lambda shard: grade_known(shard, get_pool(), cfg.critique, cfg.calibration.seed),
+                        desc="filter: critic calibration")
+        metrics["critic_calibration"] = {**calibration_figures(known), "items": cfg.calibration.items}
+        ctx.log.info("filter: critic calibration AUC %s (reference vs corrupted answers), mean tier by kind %s",
+                     metrics["critic_calibration"]["auc"], metrics["critic_calibration"]["mean_tier"])
     ctx.write("sft", sft)
     ctx.write("preferences", prefs)
     ctx.metrics.update(metrics)

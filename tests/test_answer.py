@@ -138,3 +138,22 @@ def test_seeds_to_answers_through_the_runner(tmp_path, instruct_pool, tiny_pool)
     assert store.read_manifest("answer")["metrics"]["answered"] == len(answers)
     # a second run finds every stage up to date
     assert {i.action for i in Runner(cfg).plan()} == {"skip"}
+
+
+@pytest.mark.slow
+def test_code_instructions_get_unit_tests_from_the_model(instruct_pool):
+    """The real 135M instruct model writes assert statements for a code-writing instruction (greedy, so the same
+    every run); other task types get none. The filter runs every response against them (test_code_tests)."""
+    import ast
+    import json
+
+    code = {**_rec("Write a Python function add(a, b) that returns the sum of a and b.", "code"),
+            "task_type": "code_write"}
+    answers = answer_instructions([code, _rec("Why is the sky blue?", "reasoning")],
+                                  AnswerConfig(k=2, max_tokens=64), lambda role: instruct_pool, run_seed=0)
+    tests = json.loads(answers[0]["tests"])
+    print("model-written tests:", tests)
+    assert tests and all(isinstance(ast.parse(t).body[0], ast.Assert) for t in tests)
+    assert any("add(" in t for t in tests)
+    assert answers[1]["tests"] == "[]"
+    assert answer_metrics(answers)["code_tests_written"] == 1

@@ -252,3 +252,19 @@ def test_critic_train_cli_names_bad_input(tmp_path):
     bad.write_text(json.dumps({"instruction": "q", "response": "r", "tier": 9, "reason": "x"}) + "\n")
     result = CliRunner().invoke(app, ["critic", "train", str(bad), str(tmp_path / "out"), "--backend", "local"])
     assert result.exit_code == 2 and "field `tier` must be 1-4" in result.output
+
+
+def test_several_sampled_critiques_give_the_median_tier_and_scores():
+    from critique.grade import _median_critique
+
+    def text(tier: int, accuracy: int, reason: str) -> str:
+        return format_critique(dict(dict.fromkeys(DIMENSIONS, 2), accuracy=accuracy), tier, reason)
+
+    texts = [text(2, 1, "weak"), "no grade here", text(4, 4, "great"), text(3, 3, "fine")]
+    raw, parsed = _median_critique(texts)
+    assert parsed.tier == 3 and raw == texts[3] and parsed.reason == "fine"
+    assert parsed.scores["accuracy"] == 3 and parsed.scores["clarity"] == 2
+    raw, parsed = _median_critique([text(1, 1, "a"), text(4, 4, "b")])  # even count: the lower median
+    assert parsed.tier == 1 and parsed.reason == "a"
+    assert _median_critique(["nothing", "still nothing"])[1].status == "unparseable"
+    assert _median_critique([texts[2]])[1].tier == 4

@@ -108,7 +108,7 @@ models:
   critic: {json.dumps(pool.config.model_dump(mode="json"))}
 stages:
   answers_file: {{path: {data}}}
-  filter: {{min_tier: 2}}
+  filter: {{min_tier: 2, calibration: {{items: 3}}}}
 """ + extra)
     return load_config(path)
 
@@ -188,6 +188,22 @@ def test_critique_is_measured_and_outputs_have_the_contracted_form(filtered):
     # The cut-off and garbled responses to the 'with' question are ranked below a kept answer
     # when that question kept one; otherwise they are never the chosen side.
     assert not any(p["chosen"][0]["content"].startswith(("<", "Ã")) for p in filtered["prefs"])
+
+
+@pytest.mark.slow
+def test_the_critic_is_calibrated_on_answers_of_known_quality(filtered):
+    """The filter grades the known-quality set with the same critic and reports how its tiers separate the
+    references from their corruptions (3 items: 15 answers, graded once and kept as the run's shards)."""
+    from critique.calibration import KINDS
+
+    cal = filtered["manifest"]["metrics"]["critic_calibration"]
+    print("critic calibration:", json.dumps(cal))
+    assert cal["items"] == 3 and cal["answers"] == 15
+    counted = sum(sum(t.values()) for t in cal["tiers_by_kind"].values())
+    assert counted == cal["answers"] - cal["ungraded"] and set(cal["tiers_by_kind"]) == set(KINDS)
+    assert 0.0 <= cal["auc"] <= 1.0
+    shards = filtered["store"].read_dataset("critic_calibration", stage="filter").to_list()
+    assert len(shards) == 15 and {r["kind"] for r in shards} == set(KINDS)
 
 
 @pytest.mark.slow
