@@ -123,10 +123,12 @@ def calibration_figures(graded: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def grade_known(answers: Sequence[dict[str, Any]], pool, critique_cfg, seed: int = 0) -> list[dict[str, Any]]:
     """``answers`` (from ``known_quality_set``) with the critic's ``tier`` and critique ``status``, graded as
     ``grade.grade_pairs`` grades the filter's responses (same prompts and unparseable policy)."""
-    from critique.grade import grade_pairs
-    from pipeline.run.stage import record_seed
+    import hashlib
 
-    seeds = [record_seed(seed, a["item"], salt=f"calibration:{a['kind']}") for a in answers]
+    from critique.grade import grade_pairs
+
+    seeds = [int.from_bytes(hashlib.blake2b(f"{seed}:{a['item']}:{a['kind']}".encode(), digest_size=4).digest(), "big")
+             for a in answers]
     critiques, _ = grade_pairs([(a["instruction"], a["response"]) for a in answers], seeds, critique_cfg, pool)
     return [{**a, "tier": c.tier, "status": c.status} for a, c in zip(answers, critiques, strict=True)]
 

@@ -2,7 +2,7 @@
 
 A constraint kind is a triple: phrasing templates (ours), a parameter sampler (ours), and a checker. The checkers
 are Google's IFEval instruction checkers from the maintained ``if-verifiable`` package (through
-``stages.eval.ifeval.check_response``, which swaps in NLTK's untrained sentence splitter); a kind names the
+``critique.ifeval.check_response``, which swaps in NLTK's untrained sentence splitter); a kind names the
 checker id and turns its parameters into that checker's arguments. The kinds are generic instruction constraints
 (length, case, format, keywords, punctuation, how the answer ends); the phrasings and parameter ranges are this
 project's, and no benchmark prompt text is used.
@@ -256,7 +256,7 @@ def record_constraints(record: dict) -> list[dict]:
 
 def check(response: str, constraints: Sequence[dict]) -> list[bool]:
     """Whether ``response`` satisfies each constraint (IFEval's strict rule: the text as written)."""
-    from stages.eval.ifeval import check_response
+    from critique.ifeval import check_response
 
     if not constraints:
         return []

@@ -28,10 +28,3 @@ def ngram_overlap(texts: Sequence[str], references: Sequence[str], n: int = DEFA
         worst = max(worst, shared / len(grams) if grams else 0.0)
     return {"ngram": n, "texts": len(texts), "texts_overlapping": hit,
             "share_overlapping": hit / len(texts) if texts else 0.0, "max_overlap_fraction": worst}
-
-
-def benchmark_overlap(texts: Sequence[str], benchmark: str = "ifeval", n: int = DEFAULT_NGRAM) -> dict[str, Any]:
-    """``ngram_overlap`` of ``texts`` against ``benchmark``'s prompts (``stages.eval.benchmark.load_prompts``)."""
-    from stages.eval.benchmark import load_prompts
-
-    return {"benchmark": benchmark, **ngram_overlap(texts, [r["prompt"] for r in load_prompts(benchmark)], n)}

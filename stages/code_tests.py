@@ -55,8 +55,8 @@ def load_test_prompt(path: str) -> tuple[str | None, str]:
 
 
 def parse_tests(text: str, max_tests: int) -> list[str]:
-    """The distinct ``assert`` statements of a model's output that parse as Python (from its code blocks, or the
-    whole text when it has none), in order, at most ``max_tests``."""
+    """The distinct ``assert`` statements of a model's output that parse as Python and call something (from its
+    code blocks, or the whole text when it has none), in order, at most ``max_tests``."""
     blocks = _BLOCK.findall(text) or [text]
     out: list[str] = []
     for line in (ln.strip() for b in blocks for ln in b.splitlines()):
@@ -66,7 +66,9 @@ def parse_tests(text: str, max_tests: int) -> list[str]:
             tree = ast.parse(line)
         except SyntaxError:
             continue
-        if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert):
+        # an assert that calls nothing (``assert a + b == 3``) cannot test a solution: not kept
+        if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert) and any(
+                isinstance(node, ast.Call) for node in ast.walk(tree.body[0].test)):
             out.append(line)
         if len(out) == max_tests:
             break

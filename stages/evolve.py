@@ -322,7 +322,7 @@ def run(ctx: StageContext) -> None:
                                   map_fn=lambda name, jobs, fn: ctx.map(name, jobs, fn, desc=f"evolve {name}"))
     ctx.write("evolved", evolved)
     ctx.metrics.update(metrics)
-    from critique.decontaminate import benchmark_overlap
+    from stages.eval.benchmark import benchmark_overlap
 
     ctx.metrics["decontamination"] = benchmark_overlap([r["instruction"] for r in evolved])
     ctx.log.info("evolve: %d in, %d evolved kept, %d failed %s", len(instructions), metrics["evolved"],

@@ -142,8 +142,9 @@ def test_seeds_to_answers_through_the_runner(tmp_path, instruct_pool, tiny_pool)
 
 @pytest.mark.slow
 def test_code_instructions_get_unit_tests_from_the_model(instruct_pool):
-    """The real 135M instruct model writes assert statements for a code-writing instruction (greedy, so the same
-    every run); other task types get none. The filter runs every response against them (test_code_tests)."""
+    """The real 135M instruct model is asked for assert statements for a code-writing instruction (greedy); what is
+    kept parses and calls something (this model wrote ``assert a + b == 3``, which calls nothing and is dropped);
+    other task types are not asked. The filter runs every response against kept tests (test_code_tests)."""
     import ast
     import json
 
@@ -153,7 +154,9 @@ def test_code_instructions_get_unit_tests_from_the_model(instruct_pool):
                                   AnswerConfig(k=2, max_tokens=64), lambda role: instruct_pool, run_seed=0)
     tests = json.loads(answers[0]["tests"])
     print("model-written tests:", tests)
-    assert tests and all(isinstance(ast.parse(t).body[0], ast.Assert) for t in tests)
-    assert any("add(" in t for t in tests)
+    assert isinstance(tests, list)
+    for t in tests:
+        node = ast.parse(t).body[0]
+        assert isinstance(node, ast.Assert) and any(isinstance(n, ast.Call) for n in ast.walk(node.test))
     assert answers[1]["tests"] == "[]"
-    assert answer_metrics(answers)["code_tests_written"] == 1
+    assert answer_metrics(answers)["code_tests_written"] == int(bool(tests))

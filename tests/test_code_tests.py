@@ -21,6 +21,7 @@ assert add(1, 2) == 3
 assert add(1,  == 2
 assert add(-1, 1) == 0; import os
 assert add(2, 2) == 4
+assert 1 + 2 == 3
 ```"""
 
 

@@ -94,7 +94,7 @@ def test_the_record_field_round_trips_and_bad_values_are_named():
 def test_no_phrasing_shares_an_8_gram_with_ifeval():
     """Decontamination of the library itself: every phrasing of every kind, rendered with sampled parameters,
     against IFEval's 541 prompts (an earlier title phrasing did share one)."""
-    from critique.decontaminate import benchmark_overlap
+    from stages.eval.benchmark import benchmark_overlap
 
     rng = random.Random(0)
     texts = [template.format(**params, listed='"word"')

@@ -12,9 +12,9 @@ import json
 
 import pytest
 
+from critique.ifeval import check_response, count_sentences, score_prompt, unknown_instructions
 from stages.eval import final_model, load_prompts, paired_gains, summarize
 from stages.eval.benchmark import IFEVAL_PROMPTS, BenchmarkError
-from stages.eval.ifeval import check_response, count_sentences, score_prompt, unknown_instructions
 from stages.eval.metrics import ACCURACIES, SUMMARY_KEYS, gain_keys
 from stages.eval.stats import paired_bootstrap
 

@@ -138,7 +138,7 @@ def test_constrain_adds_verifiable_constraints_without_the_model(instructions):
     """The constrain operator needs no engine (``pool=None``): each instruction gets 1-3 compatible constraints,
     phrased after it and listed on the record; a constrained instruction is not evolved again."""
     from critique.constraints import compatible, record_constraints
-    from critique.decontaminate import benchmark_overlap
+    from stages.eval.benchmark import benchmark_overlap
 
     cfg = EvolveConfig(rounds=2, mix={"constrain": 1})
     evolved, metrics = evolve_all(instructions, cfg, pool=None, run_seed=0)

@@ -2,7 +2,7 @@
 
 Each model answers the benchmark's prompts greedily through its own vLLM engines (the engine settings of
 ``pool_role``; one model at a time, each engine freed before the next starts), and Google's IFEval checkers score
-the answers (``stages/eval/ifeval.py``). The manifest gets each model's figures (``start_prompt_loose``, ...,
+the answers (``critique/ifeval.py``). The manifest gets each model's figures (``start_prompt_loose``, ...,
 ``final_mean_tokens``) and, for the SFT and the final model, the paired difference of each accuracy to the starting
 policy with its confidence interval (a bootstrap over prompts, seeded by the run seed), e.g.
 ``final_vs_start_prompt_loose_gain`` / ``_ci_low`` / ``_ci_high``; the names are declared in

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from critique.decontaminate import DEFAULT_NGRAM, ngram_overlap
 
 BENCHMARKS = ("ifeval",)
 """Benchmarks `posttrain eval` and the eval stage know."""
@@ -57,7 +60,7 @@ def load_prompts(benchmark: str = "ifeval", limit: int | None = None) -> list[di
         raise BenchmarkError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if limit is not None and limit < 1:
         raise BenchmarkError(f"limit must be at least 1 (got {limit}); fix: omit it to use all prompts")
-    from stages.eval.ifeval import unknown_instructions
+    from critique.ifeval import unknown_instructions
 
     path = ifeval_file()
     with open(path, encoding="utf-8") as f:
@@ -69,3 +72,8 @@ def load_prompts(benchmark: str = "ifeval", limit: int | None = None) -> list[di
         raise BenchmarkError(f"{path}: instructions {unknown} are not in the IFEval checker registry; fix: install "
                              "the if-verifiable version in pyproject.toml")
     return rows[:limit] if limit else rows
+
+
+def benchmark_overlap(texts: Sequence[str], benchmark: str = "ifeval", n: int = DEFAULT_NGRAM) -> dict[str, Any]:
+    """``critique.decontaminate.ngram_overlap`` of ``texts`` against ``benchmark``'s prompts."""
+    return {"benchmark": benchmark, **ngram_overlap(texts, [r["prompt"] for r in load_prompts(benchmark)], n)}

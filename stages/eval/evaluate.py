@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.eval.ifeval import score_prompt
+from critique.ifeval import score_prompt
 from stages.eval.metrics import ACCURACIES, COMPARISONS, SUMMARY_KEYS, figure_key, gain_keys
 from stages.eval.stats import paired_bootstrap
 
