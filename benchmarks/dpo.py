@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0,
                         help="train on a Ray Train job of this many FSDP2 workers (0: in this process)")
+    parser.add_argument("--optim", default=None, help="optimizer of the rounds (default: OnlineDPOConfig's); "
+                        "adafactor keeps 2 workers inside 24 GiB with the engine and the scorer up")
     parser.add_argument("--no-head-comparison", action="store_true", help="skip the fused vs plain LM head runs")
     args = parser.parse_args()
 
@@ -149,6 +151,7 @@ def main() -> None:
                           samples_per_prompt=args.samples_per_prompt, max_tokens=args.max_tokens,
                           eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
                           learning_rate=args.learning_rate, epochs_per_round=args.epochs_per_round, max_length=384,
+                          **({"optim": args.optim} if args.optim else {}),
                           distributed={"backend": "ray" if args.workers else "local",
                                        "num_workers": max(1, args.workers), "strategy": "fsdp2"})
     prompts = prompt_rows(prompt_records([n for n, _ in docs]))
