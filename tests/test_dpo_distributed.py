@@ -317,3 +317,12 @@ def test_sleep_mode_on_cpu_engines_is_refused_before_anything_runs(tiny_pool, ti
     with pytest.raises(ValueError, match="sleep_engines_while_training: .* GPU-only"):
         online_dpo(tiny, tiny_pool, None, [], [], [], [], cfg, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_adafactor_with_fsdp2_is_refused_before_anything_runs():
+    """transformers' Adafactor fails on FSDP2's DTensor parameters at the first step (found by
+    ``benchmarks.dpo --workers 2 --optim adafactor``): the config refuses the combination and names the fix."""
+    with pytest.raises(ValueError, match="Adafactor.*fix: optim: adamw_torch"):
+        OnlineDPOConfig(optim="adafactor", distributed={"backend": "ray", "num_workers": 2, "strategy": "fsdp2"})
+    OnlineDPOConfig(optim="adafactor", distributed={"backend": "ray", "num_workers": 2, "strategy": "none"})
+    OnlineDPOConfig(optim="adafactor")  # the local trainer (the embedded default) is unaffected

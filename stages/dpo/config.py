@@ -173,3 +173,12 @@ class OnlineDPOConfig(BaseModel):
             raise ValueError("dpo_weight and chosen_loss_coef are both 0, so the preference pairs would not be "
                              "trained on; fix: set at least one above 0")
         return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits_the_strategy(self) -> OnlineDPOConfig:
+        d = self.distributed
+        if d.backend == "ray" and d.strategy == "fsdp2" and self.optim.startswith("adafactor"):
+            raise ValueError(f"dpo.optim={self.optim} with dpo.distributed.strategy=fsdp2: transformers' Adafactor "
+                             "keeps plain tensors that it adds to FSDP2's DTensor parameters, and the first step "
+                             "fails; fix: optim: adamw_torch, or distributed.strategy: none (or backend: local)")
+        return self
