@@ -48,7 +48,7 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _violated_constraint(question: str, answer: str, rng: random.Random) -> tuple[str, dict] | None:
+def _violated_constraint(answer: str, rng: random.Random) -> tuple[str, dict] | None:
     """A constraint phrasing (and the constraint) that ``answer`` breaks, or None if it follows every candidate."""
     words = len(answer.split())
     candidates = [("lowercase", {}), ("no_commas", {}), ("max_words", {"n": max(5, words // 3)}),
@@ -81,7 +81,7 @@ def known_quality_set(items: int, seed: int = 0) -> list[dict[str, Any]]:
         words = text.split()
         same = [d for d in by_module[_module(name)] if d[0] != name]
         other = [d for d in docs if _module(d[0]) != _module(name)]
-        violated = _violated_constraint(q, text, rng)
+        violated = _violated_constraint(text, rng)
         answers = {
             "reference": (q, text),
             "truncated": (q, " ".join(words[: max(4, len(words) // 3)])),

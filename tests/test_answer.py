@@ -150,8 +150,19 @@ def test_code_instructions_get_unit_tests_from_the_model(instruct_pool):
 
     code = {**_rec("Write a Python function add(a, b) that returns the sum of a and b.", "code"),
             "task_type": "code_write"}
+    asked: list[str] = []
+
+    class Recording:  # the real pool; records the user messages it is sent
+        config = instruct_pool.config
+
+        def generate(self, requests, **kw):
+            asked.extend(r.messages[-1]["content"] for r in requests)
+            return instruct_pool.generate(requests, **kw)
+
     answers = answer_instructions([code, _rec("Why is the sky blue?", "reasoning")],
-                                  AnswerConfig(k=2, max_tokens=64), lambda role: instruct_pool, run_seed=0)
+                                  AnswerConfig(k=2, max_tokens=64), lambda role: Recording(), run_seed=0)
+    test_requests = [m for m in asked if "assert statements" in m]
+    assert len(test_requests) == 1 and code["instruction"] in test_requests[0]  # only the code instruction
     tests = json.loads(answers[0]["tests"])
     print("model-written tests:", tests)
     assert isinstance(tests, list)
