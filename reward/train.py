@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.records import PAIR_FIELDS
+from pipeline.records import PAIR_FIELDS, source_item
 from pipeline.tracking import attach, report_to
 from reward.score import RewardPoolConfig, ScoringDtype
 
@@ -48,7 +48,7 @@ class RewardModelConfig(BaseModel):
     held-out pairs, at most this many. Real text that ships with Python: the embedded default uses it because a
     demo-sized filter stage yields only a handful of pairs. 0: none."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of pairs held out (chosen by a hash of the pair id, so stable across reruns) to measure accuracy."""
+    """Share of source items whose pairs are held out (a hash of the item, so stable across reruns) to measure accuracy."""
     learning_rate: float = Field(1e-5, gt=0)
     """AdamW learning rate."""
     num_epochs: float = Field(1.0, gt=0)
@@ -131,18 +131,23 @@ def load_pairs_file(path: str | os.PathLike) -> list[dict]:
 
 
 def split_pairs(pairs: Sequence[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train / held-out split by a hash of each pair's id (stable when pairs are added or reordered)."""
+    """Train / held-out split by a hash of each pair's source item (``pipeline.records.source_item``: its seed
+    chunk, else its id), stable when pairs are added or reordered. All pairs of one item fall on one side, so the
+    held-out accuracy is measured on instructions the model never trained on, and their prompts stay usable by
+    the DPO stage (which drops prompts of items the reward model trained on)."""
     if eval_fraction <= 0:
         return list(pairs), []
 
     def bucket(pair: dict) -> float:
-        h = hashlib.sha1(f"{seed}:{pair['id']}".encode()).hexdigest()
+        h = hashlib.sha1(f"{seed}:{source_item(pair)}".encode()).hexdigest()
         return int(h[:8], 16) / 0xFFFFFFFF
 
     train = [p for p in pairs if bucket(p) >= eval_fraction]
     held = [p for p in pairs if bucket(p) < eval_fraction]
-    if not held and len(train) > 1:  # tiny sets: still hold out one pair so accuracy means something
-        held = [train.pop()]
+    if not held and len({source_item(p) for p in train}) > 1:  # tiny sets: still hold out one item's pairs
+        last = source_item(train[-1])
+        held = [p for p in train if source_item(p) == last]
+        train = [p for p in train if source_item(p) != last]
     return train, held
 
 

@@ -3,7 +3,8 @@
 A mapping domain -> model role (``routes``) sends, say, math to one model and code to another;
 each role is its own worker pool (``models.<role>`` in the run config). Domains without a route go
 to ``model``. Objective domains (taxonomy ``objective: true``, or ``objective_domains``) get ``k``
-sampled responses, for the self-consistency check downstream; the others get one. Every response
+sampled responses, for the self-consistency check downstream; so do instructions with verifiable constraints
+(``constrained_k``), whose responses the filter's verifiers rank into preference pairs; the others get one. Every response
 keeps its text, the model that wrote it, its finish reason and its token count.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from critique.consistency import record_tests
+from critique.constraints import record_constraints
 from pipeline.records import INSTRUCTION_FIELDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, record_seed
 from pipeline.templates import TemplateError, chat_messages, load_yaml_file
@@ -40,6 +42,9 @@ class AnswerConfig(BaseModel):
     """Responses per instruction in objective domains (1 elsewhere)."""
     objective_domains: list[str] | None = None
     """Domains that get k responses; None: those marked `objective: true` in the taxonomy."""
+    constrained_k: bool = True
+    """Instructions with verifiable constraints (`constraints`, from evolve's `constrain`) also get k responses:
+    the filter checks each one, and a follower against a violator is an in-domain preference pair."""
     temperature: float = Field(0.7, ge=0)
     """Sampling temperature (k > 1 needs > 0 for different samples)."""
     top_p: float = Field(0.95, gt=0, le=1)
@@ -83,6 +88,11 @@ def check_routes(cfg: AnswerConfig, roles: set[str] | None = None) -> None:
                              f"(defined: {sorted(roles)}); fix: add them or change stages.answer.routes/model")
 
 
+def wants_k(rec: dict, objective: set[str], cfg: AnswerConfig) -> bool:
+    """Whether an instruction gets k responses: an objective domain, or checkable constraints."""
+    return rec["domain"] in objective or (cfg.constrained_k and bool(record_constraints(rec)))
+
+
 def answer_instructions(records: list[dict], cfg: AnswerConfig, get_pool: Callable[[str], Any],
                         run_seed: int = 0) -> list[dict]:
     """Answer every instruction with the pool of its domain's role; output in input order."""
@@ -103,7 +113,7 @@ def answer_instructions(records: list[dict], cfg: AnswerConfig, get_pool: Callab
             suffix = suffixes.get(rec["domain"], "")
             content = f"{rec['instruction']}\n\n{suffix}" if suffix else rec["instruction"]
             requests.append(ChatRequest(
-                messages=chat_messages(system, content), n=cfg.k if rec["domain"] in objective else 1,
+                messages=chat_messages(system, content), n=cfg.k if wants_k(rec, objective, cfg) else 1,
                 temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                 seed=record_seed(run_seed, rec["id"], "answer")))
         results = pool.generate(requests)

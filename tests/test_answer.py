@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.answer import AnswerConfig, answer_instructions, answer_metrics, check_routes, route
+from stages.answer import AnswerConfig, answer_instructions, answer_metrics, check_routes, route, wants_k
 from stages.generate import instruction_id
 
 
@@ -39,6 +39,20 @@ def test_routes_are_checked_against_taxonomy_and_roles():
         check_routes(AnswerConfig(routes={"math": "math_model"}), roles={"policy"})
     cfg = AnswerConfig(model="general", routes={"code": "coder"})
     assert route("code", cfg) == "coder" and route("math", cfg) == "general"
+
+
+def test_constrained_instructions_get_k_responses_like_objective_domains(records):
+    """A writing instruction with a checkable constraint gets k responses (the verifiers pair them); without one,
+    or with `constrained_k` off, it gets one; a math instruction gets k either way."""
+    from critique.constraints import dump
+
+    writing = records[3]
+    constrained = {**writing, "constraints": dump([{"kind": "lowercase", "params": {}, "text": "Use lowercase."}])}
+    objective = {"math", "code", "reasoning"}
+    assert wants_k(constrained, objective, AnswerConfig())
+    assert not wants_k({**writing, "constraints": "[]"}, objective, AnswerConfig())
+    assert not wants_k(constrained, objective, AnswerConfig(constrained_k=False))
+    assert wants_k(records[2], objective, AnswerConfig(constrained_k=False))
 
 
 @pytest.mark.slow

@@ -69,6 +69,15 @@ def test_held_out_split_is_stable_when_pairs_are_added():
     assert len(split_pairs(pairs[:3], 0.01)[1]) == 1
 
 
+def test_held_out_pairs_come_from_items_the_training_pairs_never_use():
+    """Pairs of one seed chunk (several instructions and responses of one item) land on one side of the split."""
+    pairs = [{"id": f"p{i}-{j}", "seed_id": f"seed{i}"} for i in range(60) for j in range(3)]
+    train, held = split_pairs(pairs, 0.3)
+    assert held and train
+    assert not {p["seed_id"] for p in train} & {p["seed_id"] for p in held}
+    assert len(held) % 3 == 0
+
+
 @pytest.mark.slow
 def test_configured_reward_model_is_checked(tiny_reward_model, embedded_models):
     assert check_reward_model(tiny_reward_model["path"]) == tiny_reward_model["path"]
