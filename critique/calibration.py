@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from critique.constraints import check, phrase
-from critique.rubric import TIERS
+from critique.rubric import DIMENSIONS, TIERS
 
 CORRUPTIONS = ("truncated", "wrong_facts", "off_topic", "constraint_violating")
 """The ways a known-quality answer is made worse (each is graded against the reference)."""
@@ -61,36 +61,84 @@ def _violated_constraint(answer: str, rng: random.Random) -> tuple[str, dict] | 
     return None
 
 
-def known_quality_set(items: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``items`` x one answer per kind: ``{"item", "kind", "instruction", "response"}``. Items are drawn from
-    functions whose module has at least two documented functions (for ``wrong_facts``)."""
-    from reward.stdlib_pairs import question, stdlib_docs
+def _eligible_docs() -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]]:
+    """Docstrings usable as items (their module has another documented function, for ``wrong_facts``; 12+ words),
+    and every docstring by module."""
+    from reward.stdlib_pairs import stdlib_docs
 
     docs = stdlib_docs()
     by_module: dict[str, list[tuple[str, str]]] = {}
     for name, text in docs:
         by_module.setdefault(_module(name), []).append((name, text))
-    eligible = [d for d in docs if len(by_module[_module(d[0])]) > 1 and len(d[1].split()) >= 12]
+    return [d for d in docs if len(by_module[_module(d[0])]) > 1 and len(d[1].split()) >= 12], by_module
+
+
+def _answers(name: str, text: str, by_module: dict[str, list[tuple[str, str]]], rng: random.Random) -> list[dict]:
+    """One answer of every kind for the item ``name`` (fewer when no constraint phrasing breaks the reference)."""
+    from reward.stdlib_pairs import question
+
+    q = question(name)
+    words = text.split()
+    same = [d for d in by_module[_module(name)] if d[0] != name]
+    other = [d for m, ds in by_module.items() if m != _module(name) for d in ds]
+    violated = _violated_constraint(text, rng)
+    answers = {
+        "reference": (q, text),
+        "truncated": (q, " ".join(words[: max(4, len(words) // 3)])),
+        "wrong_facts": (q, rng.choice(same)[1]),
+        "off_topic": (q, rng.choice(other)[1]),
+        "constraint_violating": (f"{q} {violated[0]}", text) if violated else None,
+    }
+    return [{"item": name, "kind": kind, "instruction": a[0], "response": a[1]}
+            for kind, a in answers.items() if a is not None]
+
+
+def known_quality_set(items: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``items`` x one answer per kind: ``{"item", "kind", "instruction", "response"}``. Items are drawn from
+    functions whose module has at least two documented functions (for ``wrong_facts``)."""
+    eligible, by_module = _eligible_docs()
     if len(eligible) < items:
         raise ValueError(f"calibration: {items} items asked, {len(eligible)} docstrings qualify; lower "
                          "filter.calibration.items")
     rng = random.Random(seed)
+    return [a for name, text in rng.sample(eligible, items) for a in _answers(name, text, by_module, rng)]
+
+
+LABELS: dict[str, tuple[dict[str, int], int, str]] = {
+    "reference": (dict.fromkeys(DIMENSIONS, 4), 4, "It says correctly and completely what the function does."),
+    "truncated": ({"accuracy": 3, "relevance": 4, "completeness": 1, "usefulness": 2, "clarity": 2}, 2,
+                  "It stops mid-sentence, so the answer is incomplete."),
+    "wrong_facts": ({"accuracy": 1, "relevance": 2, "completeness": 2, "usefulness": 1, "clarity": 3}, 1,
+                    "It describes a different function, so it is wrong about this one."),
+    "off_topic": ({"accuracy": 1, "relevance": 1, "completeness": 1, "usefulness": 1, "clarity": 3}, 1,
+                  "It is about something else and does not answer the question."),
+    "constraint_violating": ({"accuracy": 4, "relevance": 3, "completeness": 3, "usefulness": 2, "clarity": 3}, 2,
+                             "The content is right, but it ignores the constraint the instruction sets."),
+}
+"""Kind -> (dimension scores, tier, reason) a fine-tuned critic learns for it (``critic_training_set``)."""
+
+
+def critic_training_set(items: int | None, calibration: CalibrationConfig, seed: int = 1) -> list[dict[str, Any]]:
+    """Graded examples for ``posttrain critic train`` (``instruction``, ``response``, ``scores``, ``tier``,
+    ``reason``, plus ``item`` and ``kind``) from docstring items that ``calibration``'s known-quality set does not
+    use, so the calibration figure of a critic trained on them is measured on functions it never saw (checked).
+    ``items``: how many (None: every eligible one)."""
+    from pipeline.records import check_disjoint
+
+    held = {a["item"] for a in known_quality_set(calibration.items, calibration.seed)}
+    eligible, by_module = _eligible_docs()
+    pool = [d for d in eligible if d[0] not in held]
+    if items is not None and items > len(pool):
+        raise ValueError(f"critic training set: {items} items asked, {len(pool)} docstrings qualify outside the "
+                         f"{len(held)} calibration items; ask for at most {len(pool)}")
+    rng = random.Random(seed)
+    chosen = rng.sample(pool, items if items is not None else len(pool))
     out = []
-    for name, text in rng.sample(eligible, items):
-        q = question(name)
-        words = text.split()
-        same = [d for d in by_module[_module(name)] if d[0] != name]
-        other = [d for d in docs if _module(d[0]) != _module(name)]
-        violated = _violated_constraint(text, rng)
-        answers = {
-            "reference": (q, text),
-            "truncated": (q, " ".join(words[: max(4, len(words) // 3)])),
-            "wrong_facts": (q, rng.choice(same)[1]),
-            "off_topic": (q, rng.choice(other)[1]),
-            "constraint_violating": (f"{q} {violated[0]}", text) if violated else None,
-        }
-        out += [{"item": name, "kind": kind, "instruction": a[0], "response": a[1]}
-                for kind, a in answers.items() if a is not None]
+    for name, text in chosen:
+        for a in _answers(name, text, by_module, rng):
+            scores, tier, reason = LABELS[a["kind"]]
+            out.append({**a, "scores": dict(scores), "tier": tier, "reason": reason})
+    check_disjoint({"critic training items": {a["item"] for a in out}, "calibration items": held})
     return out
 
 

@@ -367,6 +367,30 @@ def critic_train(
                f"{metrics['heldout_nll_before']} -> {metrics['heldout_nll_after']}")
 
 
+@critic_app.command("known-quality")
+def critic_known_quality(
+    out: str = typer.Argument(..., help="JSON-lines file for the graded examples (input of `posttrain critic train`)."),
+    items: int | None = typer.Option(None, min=1, help="Docstring items (5 answers each); default: every one that "
+                                                       "the filter's calibration set does not use."),
+    seed: int = typer.Option(1, help="Which items and corruptions."),
+) -> None:
+    """Graded examples of known quality (critique/calibration.py: CPython docstrings as references, and truncated,
+    wrong-fact, off-topic and constraint-breaking versions of them), on functions the filter's calibration check
+    never uses, for fine-tuning a critic whose calibration figure then means something."""
+    from collections import Counter
+
+    from critique.calibration import CalibrationConfig, critic_training_set
+    from pipeline.files import atomic_write_jsonl
+
+    try:
+        rows = critic_training_set(items, CalibrationConfig(), seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    atomic_write_jsonl(out, rows)
+    typer.echo(f"{len(rows)} graded examples on {len({r['item'] for r in rows})} functions written to {out}; "
+               f"tiers {dict(sorted(Counter(r['tier'] for r in rows).items()))}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 

@@ -177,7 +177,13 @@ def build_sample_run(run_dir: Path, *, n_topics: int = 12, model_dir: Path | Non
     write_stage(run_dir, "filter", seconds=80.0,
                 metrics={"dropped": n_drop, "dropped_by_reason": {
                     "truncated": sum(a["responses"][0]["finish_reason"] == "length" for a in answers),
-                    "duplicate": 1, "garbled": 0, "format": 2, "low_tier": max(0, n_drop - 3)}},
+                    "duplicate": 1, "garbled": 0, "format": 2, "low_tier": max(0, n_drop - 3)},
+                    # the shapes critique.calibration.calibration_figures and critique.verify write
+                    "critic_calibration": {"answers": 80, "ungraded": 2, "auc": 0.8125,
+                                           "mean_tier": {"reference": 3.6, "truncated": 2.1}},
+                    "verification": {"responses_checked": 30, "responses_passed": 12, "pass_rate": 0.4,
+                                     "by_kind": {"lowercase": {"checked": 10, "passed": 7, "pass_rate": 0.7}}},
+                    "code_tests": {"records_with_tests": 3, "responses_run": 9, "responses_passed": 4}},
                 inputs=["answers"], outputs=["sft", "preferences"], pools={"critic": MODELS["instruct"]})
     steps = 30
     loss0 = 2.4
@@ -201,7 +207,7 @@ def build_sample_run(run_dir: Path, *, n_topics: int = 12, model_dir: Path | Non
                 metrics={"heldout_nll_before": 2.5, "heldout_nll_after": 1.1}, inputs=["sft"])
     reward_series = [{"step": s, "loss": round(0.69 - 0.01 * s, 4), "eval_accuracy": round(0.5 + 0.02 * s, 4)}
                      for s in range(1, 11)]
-    write_stage(run_dir, "reward", seconds=200.0, series=reward_series, metrics={"eval_accuracy": 0.7},
+    write_stage(run_dir, "reward", seconds=200.0, series=reward_series, metrics={"eval_accuracy": 0.7, "eval_accuracy_filter_pairs": 0.625, "eval_pairs_filter": 8},
                 inputs=["preferences"])
     # The key strings a dpo stage writes (stages/dpo/metrics.py), spelled out: a run directory written by an
     # earlier version must still be reported.

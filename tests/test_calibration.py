@@ -79,3 +79,32 @@ def test_figures_of_a_perfect_a_reversed_and_a_blind_critic():
                                           "constraint_violating": None}
     assert mixed["auc"] == round((1 + 0 + 1 + 0.5 + 1 + 1) / 6, 4)
     assert mixed["mean_tier"]["reference"] == 3.0
+
+
+def test_critic_training_examples_avoid_the_calibration_items_and_are_labelled_by_kind(tmp_path):
+    """`posttrain critic known-quality` writes graded examples that `posttrain critic train` accepts, on functions the
+    filter's calibration set never uses; a reference is graded above every corruption of it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from critique.calibration import CalibrationConfig, critic_training_set
+    from pipeline.cli import app
+    from stages.sft.critic import CritiqueTrainConfig, critique_training_records
+
+    calibration = {a["item"] for a in known_quality_set(CalibrationConfig().items, CalibrationConfig().seed)}
+    out = tmp_path / "graded.jsonl"
+    result = CliRunner().invoke(app, ["critic", "known-quality", str(out), "--items", "20"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({r["item"] for r in rows}) == 20 and not {r["item"] for r in rows} & calibration
+    assert set(Counter(r["kind"] for r in rows)) == set(KINDS)
+    for item in {r["item"] for r in rows}:
+        tiers = {r["kind"]: r["tier"] for r in rows if r["item"] == item}
+        assert all(tiers["reference"] > t for k, t in tiers.items() if k != "reference")
+    records = critique_training_records(rows, CritiqueTrainConfig())
+    assert len(records) == len(rows) and records[0]["messages"][-1]["role"] == "assistant"
+    everything = critic_training_set(None, CalibrationConfig())
+    assert not {r["item"] for r in everything} & calibration
+    result = CliRunner().invoke(app, ["critic", "known-quality", str(out), "--items", "100000"])
+    assert result.exit_code != 0 and "calibration items" in result.output

@@ -110,6 +110,21 @@ def test_figures_match_the_run(report, sample_run):
     assert matrix[3][5] == last["expert_load/layer_03/expert_05"]
 
 
+def test_verification_table_shows_the_checks_of_the_filter_and_reward_manifests(tmp_path, sample_run):
+    """The table of the critic's calibration, the constraint pass rates, code tests and the reward model's held-out
+    in-domain accuracy, from the figures the sample run's manifests hold."""
+    report = write_report(sample_run, tmp_path / "r.html")
+    table = {row[0]: row[1:] for row in {s.key: s for s in report.sections}["verification"].table[1:]}
+    assert table["critic calibration AUC (reference vs corrupted tiers)"] == [0.8125, "80 answers, 2 ungraded"]
+    assert table["critic mean tier: truncated"][0] == 2.1
+    assert table["constraints followed (every constraint of the response)"] == ["40%", "30 responses"]
+    assert table["constraint followed: lowercase"] == ["70%", "10 responses"]
+    assert table["code responses passing their tests"][0] == "4/9"
+    assert table["reward model accuracy, held-out in-domain pairs"] == [0.625, "8 pairs of unseen instructions"]
+    assert any(line.startswith("checks: critic calibration AUC") and "0.8125" in line for line in report.summary_lines)
+    assert 'data-empty="verification"' not in (tmp_path / "r.html").read_text()
+
+
 def test_partial_run_sections_say_no_data(tmp_path, sample_run):
     """A run that only has its seeds: every later section explains what is missing instead of failing."""
     run = tmp_path / "partial"
@@ -121,7 +136,7 @@ def test_partial_run_sections_say_no_data(tmp_path, sample_run):
     html = (run / "report" / "report.html").read_text()
     assert re.findall(r'data-plot="([a-z_]+)"', html) == ["funnel"]
     empty = dict(re.findall(r'<p class="empty" data-empty="([a-z_]+)">([^<]+)</p>', html))
-    assert set(empty) == set(PLOTS) - {"funnel"}
+    assert set(empty) == set(PLOTS) - {"funnel"} | {"verification"}
     assert "stages/sft/metrics.jsonl" in empty["sft_loss"]
     assert "no data yet for:" in result.output and "SFT loss curves" in result.output
 

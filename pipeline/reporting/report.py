@@ -44,6 +44,7 @@ from pipeline.reporting.training_plots import (
     plot_reward_accuracy,
     plot_sft_loss,
 )
+from pipeline.reporting.verification import verification_section
 from pipeline.run.console import library_bars_off
 
 
@@ -89,7 +90,7 @@ pre { white-space: pre-wrap; background: #f6f7f9; padding: 6px 10px; border-radi
 </section>
 {% for s in sections %}<section id="{{ s.key }}"><h2>{{ s.title }}</h2><p class="about">{{ s.about }}</p>
 {% if s.png %}<img class="plot" data-plot="{{ s.key }}" alt="{{ s.title }}" src="{{ s.data_uri }}">
-{% else %}<p class="empty" data-empty="{{ s.key }}">{{ s.empty }}</p>{% endif %}
+{% elif s.empty %}<p class="empty" data-empty="{{ s.key }}">{{ s.empty }}</p>{% endif %}
 {% if s.table %}<table><tr>{% for h in s.table[0] %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in s.table[1:] %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 </section>{% endfor %}
@@ -175,8 +176,12 @@ def summary_lines(s: RunSummary, sections: list[Section], path: Path) -> list[st
         for row in ev.table[1:]:
             lines.append(f"eval {row[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(ev.table[0][1:], row[1:],
                                                                                   strict=True)))
-    empty = [sec.title for sec in sections if sec.png is None]
-    lines.append(f"report: {path} ({len(sections) - len(empty)} plots"
+    checks = by_key.get("verification")
+    if checks is not None and checks.table and not checks.empty:
+        lines.append("checks: " + ", ".join(f"{row[0]} {row[1]}" for row in checks.table[1:]
+                                            if not str(row[0]).startswith(("critic mean tier", "constraint followed:"))))
+    empty = [sec.title for sec in sections if sec.png is None and (sec.empty or not sec.table)]
+    lines.append(f"report: {path} ({len(sections) - len(empty)} sections with data"
                  + (f"; no data yet for: {', '.join(empty)}" if empty else "") + ")")
     return lines
 
@@ -196,6 +201,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
         plot_critique_scores(data["sft"], data["preferences"]),
         plot_response_lengths(data["answers"], data["sft"]),
         plot_operators(s),
+        verification_section(s),
         plot_sft_loss(run_dir, (s.stages.get("sft") or {}).get("metrics")),
         plot_expert_load(run_dir),
         plot_reward_accuracy(run_dir),
