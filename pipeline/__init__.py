@@ -2,9 +2,9 @@
 
 Layers, lowest first; a module imports only from its own layer or lower ones (imports inside functions too):
 
-0. ``files``, ``executor``, ``memory``, ``records``, ``templates``, ``tracking``: atomic files and hashes, running
-   work on Ray, the heap policy, record schemas, prompt templates, experiment tracking. They import nothing of the
-   project.
+0. ``files``, ``executor``, ``memory``, ``records``, ``templates``, ``thinking``, ``tracking``: atomic files and
+   hashes, running work on Ray, the heap policy, record schemas, prompt templates, fast/slow thinking modes,
+   experiment tracking. They import nothing of the project.
 1. ``models`` (the model catalog, upcycling) and ``training`` (MoE training helpers, the Ray Train launcher).
 2. ``engines``: vLLM engines on Ray actors and the weight sync into them.
 3. ``critique/`` and ``reward/`` (top-level packages): the critique model's prompts and parsing, rule QC,

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # longest prefix wins; layers as pipeline/__init__.py numbers them
 LAYERS: dict[str, int] = {
     "pipeline.files": 0, "pipeline.executor": 0, "pipeline.memory": 0, "pipeline.records": 0,
-    "pipeline.templates": 0, "pipeline.tracking": 0,
+    "pipeline.templates": 0, "pipeline.thinking": 0, "pipeline.tracking": 0,
     "pipeline.models": 1, "pipeline.training": 1,
     "pipeline.engines": 2,
     "critique": 3, "reward": 3,

@@ -3,6 +3,7 @@ one generic call into the worker extension that the weight-sync transports use."
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,16 @@ class EngineActor:
             )
             for r in requests
         ]
-        outs = self.llm.chat([r["messages"] for r in requests], params, use_tqdm=False)
+        # vLLM takes one set of chat-template arguments per call: one call per distinct set, outputs in request order
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.get("chat_template_kwargs") or {}, sort_keys=True), []).append(i)
+        outs: list[Any] = [None] * len(requests)
+        for key, idx in groups.items():
+            group = self.llm.chat([requests[i]["messages"] for i in idx], [params[i] for i in idx], use_tqdm=False,
+                                  chat_template_kwargs=json.loads(key) or None)
+            for i, out in zip(idx, group, strict=True):
+                outs[i] = out
         results = []
         for req, out in zip(requests, outs, strict=True):
             comps = []

@@ -106,6 +106,8 @@ class ChatRequest:
     logprobs: bool = False
     """Return the log-probability of every sampled token (raw model logprobs, before temperature)."""
     stop: list[str] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Arguments for the model's chat template, e.g. ``{"enable_thinking": False}`` (``pipeline.thinking``)."""
 
 
 @dataclass

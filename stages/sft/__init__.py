@@ -15,7 +15,11 @@ The training runs as a Ray Train job (``TorchTrainer``, one worker per GPU, DDP 
 ZeRO-3 from ``distributed``; ``pipeline.training.ray_train``); on a machine without GPUs the same path
 runs one CPU worker. ``backend: local`` runs the same worker function in this process instead.
 
-Modules: ``config`` (settings), ``template`` (chat template with generation markers), ``records`` (checks,
+Fast and slow thinking (``thinking``): rows of both modes at a ratio, the switch as the policy's template supports it,
+no loss on a fast row's empty think block; a ChatML policy without think markers trains and is saved with ours.
+
+Modules: ``config`` (settings), ``template`` (chat template with generation markers), ``modes`` (the thinking
+modes' mix), ``records`` (checks,
 held-out split, phases' records, LR windows, staged data), ``trainer`` (a phase's TRL trainer), ``measures``
 (logs, throughput, held-out loss, dropout check), ``worker`` (what each training process runs), ``launch``
 (``train_sft``), ``critic`` (fine-tuning a critique model with this trainer; not part of the stage).

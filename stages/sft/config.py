@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.run.stage import ModelRole
 from pipeline.training.moe_config import MoETrainingConfig
+from stages.sft.modes import SFTThinking
 
 
 class SFTPhase(BaseModel):
@@ -122,6 +123,11 @@ class SFTStageConfig(BaseModel):
     chat_template_path: str | None = None
     """A Jinja chat template with {% generation %} markers, for a tokenizer whose template neither TRL nor this
     stage knows how to mark (this stage marks ChatML templates itself)."""
+    thinking: SFTThinking | None = None
+    """Fast and slow thinking: rows of both modes at `think_ratio`, the switch (`enable_thinking` or `/think`
+    `/no_think`) as the policy's chat template supports it, no loss on a fast row's empty think block. A ChatML
+    policy without think markers (SmolLM2) trains and is saved with configs/chat_templates/chatml_think.jinja.
+    None: rows as the filter wrote them (the default)."""
     lora: LoraSettings | None = None
     """LoRA settings; None: full fine-tuning (the default)."""
     gradient_checkpointing: bool = False

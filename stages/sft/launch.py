@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.files import atomic_write_json, state_key
+from pipeline.thinking import detect_format
 from stages.sft.config import SFTStageConfig
+from stages.sft.modes import mix_modes, serving_template
 from stages.sft.records import SFTDataError, check_records, split_heldout, stage_splits
 from stages.sft.worker import train_worker
 
@@ -50,6 +52,9 @@ def train_sft(records: Sequence[dict] | Any, cfg: SFTStageConfig, output_dir: st
     if (cfg.model or model) is None:
         raise ValueError("sft: no model to fine-tune; fix: set sft.model or a model role (sft.model_role)")
     model_path = str(resolve_model(cfg.model or model))
+    think_template, mode_counts = None, None
+    if cfg.thinking is not None:
+        records, think_template, mode_counts = _thinking_rows(records, cfg, model_path, seed)
     train, heldout = split_heldout(records, cfg.heldout_fraction, cfg.heldout_max_records, seed)
     # Absolute paths: Ray Train wants an absolute storage path, and its workers run in another folder.
     work, output_dir = Path(work_dir).resolve(), Path(output_dir).resolve()
@@ -57,7 +62,8 @@ def train_sft(records: Sequence[dict] | Any, cfg: SFTStageConfig, output_dir: st
     stage_splits(work, train, heldout)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     spec = {"config": cfg.model_dump(mode="json"), "model_path": model_path, "work_dir": str(work),
-            "output_dir": str(output_dir), "seed": seed, "use_gpu": False, "world_size": 1}
+            "output_dir": str(output_dir), "seed": seed, "use_gpu": False, "world_size": 1,
+            "think_template": think_template}
     t0 = time.perf_counter()
     log_path = work / "train_log.jsonl"
     logged_before = sum(1 for _ in log_path.open()) if log_path.exists() else 0
@@ -84,7 +90,22 @@ def train_sft(records: Sequence[dict] | Any, cfg: SFTStageConfig, output_dir: st
         "wall_s": round(time.perf_counter() - t0, 3),
         "workers": summary.get("workers"), "use_gpu": summary.get("use_gpu"),
         "phases": summary["phases"],
+        **({"thinking": mode_counts} if mode_counts is not None else {}),
     }
+
+
+def _thinking_rows(records: list[dict], cfg: SFTStageConfig, model_path: str, seed: int) -> tuple[list, str | None, dict]:
+    """The records in their thinking modes (``stages.sft.modes``), the template to train and save the policy with
+    when it is not the model's own (our ChatML think template), and the modes' counts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = serving_template(tokenizer)
+    fmt = detect_format(tokenizer, template)
+    assert fmt is not None  # serving_template returns a template with think markers
+    rows, counts = mix_modes(records, cfg.thinking, fmt, seed)
+    log.info("sft: thinking modes %s", counts)
+    return rows, (template if template != tokenizer.chat_template else None), counts
 
 
 def _state_key(cfg: SFTStageConfig, model_path: str, train: list[dict], heldout: list[dict], seed: int) -> str:

@@ -8,10 +8,12 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.thinking import MODE_FIELD
 from pipeline.training.moe_config import LRWindow
 from stages.sft.config import SFTStageConfig
+from stages.sft.modes import ENABLE_THINKING_COLUMN
 
-STAGED_COLUMNS = ("id", "tier", "messages")
+STAGED_COLUMNS = ("id", "tier", "messages", MODE_FIELD, ENABLE_THINKING_COLUMN)
 """Record fields the training processes read; lineage columns stay behind."""
 
 

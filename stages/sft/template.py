@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from pipeline.thinking import NO_THINK, ThinkFormat, render_answer
 
 
 def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
@@ -95,3 +98,40 @@ def training_chat_template(tokenizer, chat_template_path: str | None = None) -> 
                          "TRL knows nor ChatML, so assistant-only loss cannot mask it; fix: write a copy with "
                          "markers and set chat_template_path, or set assistant_only_loss: false")
     return template
+
+
+_TRL_QWEN3_THINK = ("        {%- generation %}\n"
+                    "        {{- '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}")
+"""The lines of TRL's qwen3_training.jinja that put a fast answer's empty think block inside the loss."""
+_QWEN3_FAST_BLOCK_OUT = (
+    "        {%- if not reasoning_content.strip('\\n') %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}\n"
+    "        {%- generation %}\n"
+    "        {%- if reasoning_content.strip('\\n') %}"
+    "{{- '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}{%- endif %}\n"
+    "        {{- content.lstrip('\\n') }}")
+
+
+def fast_block_trained(tokenizer: Any, template: str, fmt: ThinkFormat) -> bool:
+    """Whether ``template`` puts loss on any token of a fast answer's empty think block (real tokenization, TRL's
+    assistant mask from the {% generation %} markers)."""
+    messages = [{"role": "user", "content": "u1"},
+                {"role": "assistant", "content": render_answer(None, "a1", NO_THINK, fmt)}]
+    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
+    return "think>" in trained
+
+
+def think_training_template(tokenizer: Any, template: str, fmt: ThinkFormat) -> str:
+    """``template`` (a training template with {% generation %} markers) such that fast-mode rows get no loss on the
+    empty think block: as is when it already leaves the block out of the loss, TRL's Qwen3 training template with
+    the block moved before {% generation %}, else a ValueError with the fix."""
+    if not fast_block_trained(tokenizer, template, fmt):
+        return template
+    if _TRL_QWEN3_THINK in template:
+        patched = template.replace(_TRL_QWEN3_THINK, _QWEN3_FAST_BLOCK_OUT)
+        if not fast_block_trained(tokenizer, patched, fmt):
+            return patched
+    raise ValueError("the SFT chat template puts loss on the empty think block of fast-mode rows; fix: write the "
+                     "block outside {% generation %} (see configs/chat_templates/hunyuan_a13b_training.jinja) and set "
+                     "stages.sft.chat_template_path")

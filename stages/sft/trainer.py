@@ -9,9 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.thinking import TEMPLATE_ARG
 from pipeline.tracking import report_to
 from pipeline.training.moe_config import LRWindow
 from stages.sft.config import LoraSettings, SFTStageConfig
+from stages.sft.modes import ENABLE_THINKING_COLUMN
 
 DEFAULT_DEEPSPEED_ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
@@ -107,14 +109,21 @@ def make_sft_trainer(model, tokenizer, records: Sequence[dict], cfg: SFTStageCon
 
     ``tokenizer`` must already carry the training chat template (``training_chat_template``) when
     ``args.assistant_only_loss`` is on. Only `messages` goes to TRL (lineage columns hold nested
-    values TRL's collator has no use for).
+    values TRL's collator has no use for), with each row's ``enable_thinking`` as its `chat_template_kwargs` when
+    every row has one (sft.thinking with a template that takes the argument).
     """
     from datasets import Dataset
     from trl import SFTTrainer
 
     from pipeline.training.moe_trainer import moe_trainer_class
 
-    train_ds = Dataset.from_list([{"messages": r["messages"]} for r in records])
+    train_ds = Dataset.from_list([_row(r) for r in records] if all(r.get(ENABLE_THINKING_COLUMN) is not None
+                                                                    for r in records)
+                                 else [{"messages": r["messages"]} for r in records])
     return moe_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                          peft_config=peft_config, moe_config=cfg.moe, lr_window=window,
                                          callbacks=callbacks)
+
+
+def _row(rec: dict) -> dict:
+    return {"messages": rec["messages"], "chat_template_kwargs": {TEMPLATE_ARG: bool(rec[ENABLE_THINKING_COLUMN])}}

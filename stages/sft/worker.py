@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.files import atomic_write_json, copy_folder_atomically, replace_folder
+from pipeline.thinking import require_format
 from pipeline.tracking import attach
 from pipeline.training.moe_config import LRWindow
 from stages.sft.config import SFTPhase, SFTStageConfig
 from stages.sft.measures import Throughput, dropout_check, heldout_nll, jsonl_log_callback
 from stages.sft.records import SFTDataError, lr_windows, phase_records, read_splits
-from stages.sft.template import training_chat_template
+from stages.sft.template import think_training_template, training_chat_template
 from stages.sft.trainer import load_model, lora_config, make_sft_trainer, training_args, unpartitioned_load
 
 
@@ -104,9 +105,14 @@ def _start(spec: dict) -> tuple[WorkerRun, list[dict]]:
     train_all, heldout = read_splits(work)
     windows = lr_windows([len(phase_records(train_all, p.tiers)) * p.epochs for p in cfg.phases], cfg)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    if spec.get("think_template"):  # sft.thinking on a policy without think markers: trained and saved with ours
+        tokenizer.chat_template = spec["think_template"]
     original_template = tokenizer.chat_template
     if cfg.assistant_only_loss:
         template = training_chat_template(tokenizer, cfg.chat_template_path)
+        if cfg.thinking is not None:  # no loss on the empty think block of fast-mode rows
+            template = think_training_template(tokenizer, template or original_template,
+                                               require_format(tokenizer, "sft.thinking"))
         if template is not None:
             tokenizer.chat_template = template
     heldout_ds = Dataset.from_list([{"messages": r["messages"]} for r in heldout]) if heldout else None
