@@ -98,6 +98,18 @@ def duplicate_groups(texts: Sequence[str], cfg: DedupConfig) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def duplicate_groups_within(texts: Sequence[str], keys: Sequence[Any], cfg: DedupConfig) -> list[list[int]]:
+    """``duplicate_groups`` among the texts that share a key (e.g. a thinking mode): a text is never a duplicate of
+    one with another key."""
+    by_key: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    groups = []
+    for members in by_key.values():
+        groups += [[members[g] for g in group] for group in duplicate_groups([texts[i] for i in members], cfg)]
+    return sorted(groups)
+
+
 def keep_best(groups: list[list[int]], key: Callable[[int], Any]) -> dict[int, int]:
     """For each group, the members to drop -> the member kept (highest ``key``; ties: lowest index)."""
     dropped: dict[int, int] = {}

@@ -1,7 +1,10 @@
 """Stage `filter`: rule QC, self-consistency, 4-tier critique and deduplication of the answers.
 
 Per shard (resumable, through ``ctx.map`` into the intermediate ``filter_graded``):
+  0. a thinking-mode response (the answer stage's ``thinking``) is judged on its final answer;
   1. rules (critique/rules.py): truncation, garbled text, format errors, repetition;
+  1b. a slow response's reasoning (critique/reasoning.py): present, not cut off, not looping, and in agreement
+      with the final answer where the question is objective;
   2. self-consistency (critique/consistency.py) on the k responses of objective questions;
   2b. verification (critique/verify.py): responses to instructions with verifiable constraints
       (the evolve stage's constrain operator) must follow every one;
@@ -30,15 +33,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from critique.calibration import CalibrationConfig, calibration_figures, grade_known, known_quality_set
 from critique.consistency import ConsistencyConfig, apply_consistency
-from critique.dedup import DedupConfig, duplicate_groups, keep_best
+from critique.dedup import DedupConfig, duplicate_groups, duplicate_groups_within, keep_best
 from critique.grade import CritiqueConfig, grade_pairs, parse_rate
 from critique.prompts import load_prompts
+from critique.reasoning import STEP as REASONING_STEP
+from critique.reasoning import apply_reasoning_checks, judged_finals, reasoning_metrics, shown
 from critique.rubric import DIMENSIONS, TIERS, rank_key
 from critique.rules import RULES, RulesConfig, apply_rules
 from critique.verify import STEP as VERIFY_STEP
 from critique.verify import apply_constraints, code_test_metrics, verification_metrics
 from pipeline.records import LINEAGE_FIELDS
 from pipeline.run.stage import ModelRole, Stage, StageContext, StageError, record_seed
+from pipeline.thinking import FINAL_FIELD, MODE_FIELD, REASONING_FIELD
 
 
 class PreferenceConfig(BaseModel):
@@ -114,7 +120,8 @@ def grade_records(records: list[dict], cfg: FilterConfig, get_pool: Callable[[],
     Deterministic given the records and ``run_seed``.
     """
     check_answers(records)
-    out, _ = apply_rules(records, cfg.rules)
+    out, _ = apply_rules(judged_finals(records), cfg.rules)
+    out = apply_reasoning_checks(out, cfg.rules)
     out, _ = apply_consistency(out, cfg.consistency)
     out = apply_constraints(out)
     todo = [(i, j) for i, rec in enumerate(out) for j, r in enumerate(rec["responses"]) if not r.get("rejected_by")]
@@ -201,7 +208,8 @@ def select_outputs(graded: list[dict], cfg: FilterConfig) -> tuple[list[dict], l
     """From the graded records: tier threshold, dedup, then the `sft` rows, the `preferences`
     pairs and the metrics (funnel, rule counts, critique parse figures, tiers, agreement)."""
     records = [{**rec, "responses": [dict(r) for r in rec["responses"]]} for rec in graded]
-    steps = [*[r for r in RULES if r in cfg.rules.enabled], "consistency", VERIFY_STEP, "critique_unparseable", "tier"]
+    steps = [*[r for r in RULES if r in cfg.rules.enabled], REASONING_STEP, "consistency", VERIFY_STEP,
+             "critique_unparseable", "tier"]
     # 4. tier threshold
     for rec in records:
         for r in rec["responses"]:
@@ -209,10 +217,12 @@ def select_outputs(graded: list[dict], cfg: FilterConfig) -> tuple[list[dict], l
             if _kept(r) and crit and crit.get("tier") is not None and crit["tier"] < cfg.min_tier:
                 r["rejected_by"] = "tier"
                 r["rule_reasons"] = [*r.get("rule_reasons", []), f"tier {crit['tier']} < min_tier {cfg.min_tier}"]
-    # 5a. duplicate instructions: keep the record whose best kept response ranks highest
+    # 5a. duplicate instructions: keep the record whose best kept response ranks highest (within one thinking mode:
+    # an instruction's slow and fast answer records are not duplicates of each other)
     if cfg.dedup.instructions:
         live = [i for i, rec in enumerate(records) if any(_kept(r) for r in rec["responses"])]
-        groups = duplicate_groups([records[i]["instruction"] for i in live], cfg.dedup)
+        groups = duplicate_groups_within([records[i]["instruction"] for i in live],
+                                         [records[i].get(MODE_FIELD) for i in live], cfg.dedup)
 
         def best_of(k: int) -> tuple:
             rec = records[live[k]]
@@ -229,7 +239,7 @@ def select_outputs(graded: list[dict], cfg: FilterConfig) -> tuple[list[dict], l
     # 5b. duplicate responses anywhere in the dataset
     if cfg.dedup.responses:
         live_r = [(i, j) for i, rec in enumerate(records) for j, r in enumerate(rec["responses"]) if _kept(r)]
-        groups = duplicate_groups([records[i]["responses"][j]["text"] for i, j in live_r], cfg.dedup)
+        groups = duplicate_groups([shown(records[i]["responses"][j]) for i, j in live_r], cfg.dedup)
         for k, kept_k in keep_best(groups, lambda k: _resp_key(records[live_r[k][0]],
                                                                records[live_r[k][0]]["responses"][live_r[k][1]])).items():
             i, j = live_r[k]
@@ -256,7 +266,7 @@ def _sft_row(rec: dict, r: dict) -> dict:
     crit = r.get("critique") or {}
     return {
         "id": _row_id(str(rec["id"]), r["text"]),
-        "messages": [{"role": "user", "content": rec["instruction"]}, {"role": "assistant", "content": r["text"]}],
+        "messages": [{"role": "user", "content": rec["instruction"]}, {"role": "assistant", "content": shown(r)}],
         "tier": crit.get("tier"),
         "scores": {d: (crit.get("scores") or {}).get(d) for d in DIMENSIONS},
         "critique_reason": crit.get("reason", ""),
@@ -266,6 +276,8 @@ def _sft_row(rec: dict, r: dict) -> dict:
         "response_model": r.get("model"),
         "finish_reason": r.get("finish_reason"),
         "n_tokens": r.get("n_tokens"),
+        **({MODE_FIELD: rec[MODE_FIELD], REASONING_FIELD: r.get(REASONING_FIELD), FINAL_FIELD: r.get(FINAL_FIELD)}
+           if rec.get(MODE_FIELD) else {}),
         **_lineage(rec),
     }
 
@@ -282,7 +294,7 @@ def preference_pairs(records: list[dict], cfg: FilterConfig) -> list[dict]:
             crit = r.get("critique") or {}
             if crit.get("tier") is not None and r.get("rejected_by") not in ("duplicate_response",):
                 cands.append((crit["tier"], _resp_key(rec, r), r, crit.get("reason", "")))
-            elif pc.include_rejected and r.get("rejected_by") in (*RULES, "consistency", VERIFY_STEP):
+            elif pc.include_rejected and r.get("rejected_by") in (*RULES, REASONING_STEP, "consistency", VERIFY_STEP):
                 cands.append((0, (0.0, 0.0, 0.0), r, (r.get("rule_reasons") or [""])[0]))
         cands.sort(key=lambda c: c[1], reverse=True)
         used = set()
@@ -294,14 +306,14 @@ def preference_pairs(records: list[dict], cfg: FilterConfig) -> list[dict]:
                 continue
             for lo in range(len(cands) - 1, hi, -1):
                 d = cands[lo]
-                if id(d[2]) in used or c[0] - d[0] < pc.min_tier_gap or c[2]["text"].strip() == d[2]["text"].strip():
+                if id(d[2]) in used or c[0] - d[0] < pc.min_tier_gap or shown(c[2]).strip() == shown(d[2]).strip():
                     continue
                 used.update((id(c[2]), id(d[2])))
                 pairs.append({
                     "id": _row_id(str(rec["id"]), c[2]["text"], d[2]["text"]),
                     "prompt": [{"role": "user", "content": rec["instruction"]}],
-                    "chosen": [{"role": "assistant", "content": c[2]["text"]}],
-                    "rejected": [{"role": "assistant", "content": d[2]["text"]}],
+                    "chosen": [{"role": "assistant", "content": shown(c[2])}],
+                    "rejected": [{"role": "assistant", "content": shown(d[2])}],
                     "source": "critique",
                     "chosen_score": float(c[0]),
                     "rejected_score": float(d[0]),
@@ -310,6 +322,7 @@ def preference_pairs(records: list[dict], cfg: FilterConfig) -> list[dict]:
                     "chosen_model": c[2].get("model"),
                     "rejected_model": d[2].get("model"),
                     "agreement": rec.get("agreement"),
+                    **({MODE_FIELD: rec[MODE_FIELD]} if rec.get(MODE_FIELD) else {}),
                     **_lineage(rec),
                 })
                 break
@@ -351,6 +364,7 @@ def _metrics(records: list[dict], funnel: list[dict], cfg: FilterConfig, n_sft: 
         "critique": {**stats, "parse_rate": parse_rate(stats), "policy": cfg.critique.on_unparseable},
         "tiers": {str(t): tiers.get(t, 0) for t in TIERS},
         "verification": verification_metrics(records), "code_tests": code_test_metrics(records),
+        **({"reasoning": reasoning_metrics(records)} if any(rec.get(MODE_FIELD) for rec in records) else {}),
         "consistency": {"records_checked": len(checked), "by_kind": dict(kinds),
                         "mean_agreement": round(sum(checked) / len(checked), 4) if checked else None,
                         "below_threshold": sum(a < cfg.consistency.min_agreement for a in checked)},

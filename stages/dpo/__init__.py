@@ -38,9 +38,11 @@ folder), ``loop`` (the rounds, resume), ``metrics`` (every key the stage writes)
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from pathlib import Path
 
 from pipeline.records import pair_items, source_item
+from pipeline.thinking import MODE_FIELD, require_format
 from stages.dpo import metrics as M
 from stages.dpo.config import OnlineDPOConfig
 from stages.dpo.ema import init_ema, swapped_weights
@@ -48,7 +50,7 @@ from stages.dpo.evaluation import held_out_metrics, paired_gain
 from stages.dpo.judge import critic_judge
 from stages.dpo.loop import OnlineDPOResult, online_dpo, save_policy
 from stages.dpo.losses import DpoLossType, dpo_loss
-from stages.dpo.prompts import prompt_rows, round_prompts, split_prompts, stdlib_prompt_rows
+from stages.dpo.prompts import assign_modes, prompt_rows, round_prompts, split_prompts, stdlib_prompt_rows
 from stages.dpo.rollout import best_worst_pairs, kl_estimate, sample, score_results, sequence_logprobs
 from stages.dpo.state import finished_rounds
 from stages.dpo.trainer import (
@@ -114,6 +116,12 @@ def run(ctx) -> None:
     trained = {i for p in preferences for i in pair_items(p)} | {source_item(r) for r in sft_rows}
     split = split_prompts(prompts, cfg, ctx.seed, reward_training_items(reward_path, ctx.log), trained)
     train_p, eval_p = split.train, split.held_out
+    if cfg.thinking is not None:  # every prompt in one mode, asked through the switch the SFT policy's template takes
+        from transformers import AutoTokenizer
+
+        fmt = require_format(AutoTokenizer.from_pretrained(sft_path), "dpo.thinking (the sft_model's chat template)")
+        train_p, eval_p = (assign_modes(ps, cfg.thinking.think_ratio, fmt.switch, ctx.seed) for ps in (train_p, eval_p))
+        ctx.metrics["prompts_by_mode"] = dict(Counter(p[MODE_FIELD] for p in train_p + eval_p))
     ctx.metrics.update({M.PROMPTS_EXCLUDED: split.excluded, M.PROMPTS_TRAIN: len(train_p),
                         M.PROMPTS_HELD_OUT: len(eval_p)})
     if len(eval_p) < cfg.eval_prompts:

@@ -52,6 +52,16 @@ class DpoDistributedSettings(BaseModel):
         return self
 
 
+class DPOThinking(BaseModel):
+    """Online DPO per thinking mode."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    think_ratio: float = Field(0.5, ge=0, le=1)
+    """Fraction of prompts sampled in slow mode (by a seeded hash of the prompt id), the rest in fast mode. Only the
+    samples that follow their prompt's mode are paired."""
+
+
 class OnlineDPOConfig(BaseModel):
     """Iterative online DPO of the SFT policy against the reward model."""
 
@@ -125,6 +135,9 @@ class OnlineDPOConfig(BaseModel):
     `stdlib_pairs` use the first ones, so the reward model never saw these). A demo-sized evolve stage yields
     few prompts, and a reward model trained mostly on docstring pairs judges these best. Held-out figures are
     also reported per prompt source (`eval_reward_gain_evolved`, `eval_reward_gain_stdlib`)."""
+    thinking: DPOThinking | None = None
+    """Fast and slow thinking: each prompt (training and held-out) is sampled in one mode, through the switch the
+    SFT policy's chat template takes; pairs never mix modes. None: prompts as they are (the default)."""
     eval_prompts: int = Field(8, ge=0)
     """Held-out prompts (never trained on) for the per-round reward and win rate against the SFT policy."""
     eval_samples: int = Field(2, ge=1)

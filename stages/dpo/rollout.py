@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from pipeline.run.stage import record_seed
+from pipeline.thinking import MODE_FIELD, TEMPLATE_ARG, THINK, follows_mode, text_switch
 from reward.score import conversation
 from stages.dpo import metrics as M
 from stages.dpo.config import OnlineDPOConfig
@@ -24,13 +25,27 @@ def round_salt(round_index: int) -> str:
 
 def sample(pool, prompts: Sequence[dict], n: int, cfg: OnlineDPOConfig, seed: int, salt: str,
            logprobs: bool = False) -> list:
-    """n samples per prompt from the pool; each request's seed comes from the run seed, the prompt id and salt."""
+    """n samples per prompt from the pool; each request's seed comes from the run seed, the prompt id and salt. A
+    prompt with a thinking ``mode`` is asked for it (``prompt_request``)."""
     from pipeline.engines.pool import ChatRequest
 
-    return pool.generate([
-        ChatRequest(messages=p["messages"], n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_tokens=cfg.max_tokens, seed=record_seed(seed, p["id"], salt), logprobs=logprobs)
-        for p in prompts])
+    requests = []
+    for p in prompts:
+        messages, kwargs = prompt_request(p)
+        requests.append(ChatRequest(messages=messages, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=cfg.max_tokens, seed=record_seed(seed, p["id"], salt),
+                                    logprobs=logprobs, chat_template_kwargs=kwargs or None))
+    return pool.generate(requests)
+
+
+def prompt_request(prompt: dict) -> tuple[list[dict], dict]:
+    """(messages, chat-template kwargs) of a prompt row: its messages, with its thinking mode's switch when it has one
+    (``switch``: the policy template's kind, set by ``stages.dpo.prompts.assign_modes``)."""
+    if not prompt.get(MODE_FIELD):
+        return prompt["messages"], {}
+    if prompt.get("switch") == "template_arg":
+        return prompt["messages"], {TEMPLATE_ARG: prompt[MODE_FIELD] == THINK}
+    return text_switch(prompt["messages"], prompt[MODE_FIELD]), {}
 
 
 def score_results(scorer, prompts: Sequence[dict], results: Sequence) -> list[list[float]]:
@@ -62,13 +77,19 @@ def best_worst_pairs(prompts: Sequence[dict], results: Sequence, scores: Sequenc
     """One pair per prompt (best vs worst sample; the earlier sample wins a tie in score); prompts whose gap is
     under ``min_gap`` are ties (counted). With ``verdicts`` (``constraint_verdicts``) a sample that follows its
     prompt's constraints ranks above every sample that does not, whatever their scores (a hard preference, as in
-    RL with verifiable rewards), and such a pair is kept whatever its score gap."""
+    RL with verifiable rewards), and such a pair is kept whatever its score gap. A prompt with a thinking ``mode``
+    pairs only samples in that mode (``pipeline.thinking.follows_mode``): never a slow answer against a fast one."""
     pairs, ties = [], 0
     verdicts = verdicts or [None] * len(prompts)
     for p, r, s, v in zip(prompts, results, scores, verdicts, strict=True):
         ok = v or [False] * len(s)
-        best = max(range(len(s)), key=lambda j: (ok[j], s[j], -j))
-        worst = min(range(len(s)), key=lambda j: (ok[j], s[j], j))
+        mode = p.get(MODE_FIELD)
+        cands = [j for j, c in enumerate(r.completions) if not mode or follows_mode(c.text, mode)]
+        if not cands:
+            ties += 1
+            continue
+        best = max(cands, key=lambda j: (ok[j], s[j], -j))
+        worst = min(cands, key=lambda j: (ok[j], s[j], j))
         verified = ok[best] and not ok[worst]
         if best == worst or (not verified and s[best] - s[worst] < min_gap):
             ties += 1
@@ -83,6 +104,7 @@ def best_worst_pairs(prompts: Sequence[dict], results: Sequence, scores: Sequenc
             "instruction_id": p["id"], "round": round_index, "n_samples": len(s),
             "chosen_finish_reason": r.completions[best].finish_reason,
             "rejected_finish_reason": r.completions[worst].finish_reason,
+            **({MODE_FIELD: mode, "off_mode_samples": len(s) - len(cands)} if mode else {}),
         })
     return pairs, ties
 
