@@ -130,3 +130,27 @@ def test_dpo_prompts_are_asked_in_their_mode():
     text = assign_modes(prompts[:1], 0.0, "prompt_text", seed=3)[0]
     assert prompt_request(text) == ([{"role": "user", "content": "Q0 /no_think"}], {})
     assert prompt_request(prompts[0]) == (prompts[0]["messages"], {})  # thinking off: unchanged
+
+
+def test_eval_reports_figures_per_mode_and_the_switch_rates():
+    from stages.eval.benchmark import load_prompts
+    from stages.eval.metrics import mode_figure_key, switch_rate_key
+    from stages.eval.modes import EvalThinking, thinking_jobs, thinking_metrics
+
+    rows = load_prompts("ifeval", 4)
+    jobs = thinking_jobs("sft", rows, EvalThinking(switch_prompts=2), QWEN3, 64)
+    assert sorted(jobs) == ["sft_no_think", "sft_switch", "sft_think"] and len(jobs["sft_switch"][0]) == 2
+    answers = {
+        "sft_think": [{"key": r["key"], "response": "ok", "reasoning": "r", "follows": i > 0, "finish_reason": "stop",
+                       "n_tokens": 40} for i, r in enumerate(rows)],
+        "sft_no_think": [{"key": r["key"], "response": "ok", "reasoning": None, "follows": True,
+                          "finish_reason": "stop", "n_tokens": 10} for r in rows],
+        "sft_switch": [{"key": "a", "mode": THINK, "follows": True}, {"key": "b", "mode": THINK, "follows": False},
+                       {"key": "a", "mode": NO_THINK, "follows": True}, {"key": "b", "mode": NO_THINK, "follows": True}],
+    }
+    m = thinking_metrics("sft", rows, answers, "ifeval", "model")
+    assert (m[mode_figure_key("sft", THINK, "mean_tokens")], m[mode_figure_key("sft", NO_THINK, "mean_tokens")]) == (
+        40, 10)
+    assert m[mode_figure_key("sft", THINK, "mode_followed")] == 0.75
+    assert (m[switch_rate_key("sft", THINK)], m[switch_rate_key("sft", NO_THINK)]) == (0.5, 1.0)
+    assert 0 <= m[mode_figure_key("sft", NO_THINK, "prompt_loose")] <= 1

@@ -7,6 +7,10 @@ the answers (``critique/ifeval.py``). The manifest gets each model's figures (``
 policy with its confidence interval (a bootstrap over prompts, seeded by the run seed), e.g.
 ``final_vs_start_prompt_loose_gain`` / ``_ci_low`` / ``_ci_high``; the names are declared in
 ``stages/eval/metrics.py``. Every prompt's answer and verdicts, per model, go to the dataset ``eval_results``.
+With ``thinking``, a model whose chat template has think markers also answers once per mode (IFEval scored on the
+final answer, mean tokens with the reasoning) and held-out prompts with ``/think`` and ``/no_think``: the
+switch-following rates (``stages/eval/modes.py``; manifest keys ``sft_think_prompt_loose``,
+``sft_switch_no_think_rate``, ...).
 
 Resume: each model's answers are a resumable map (``answers_<model>``, fixed shards); a rerun after a kill starts
 engines only for the shards not answered yet.
@@ -14,12 +18,15 @@ engines only for the shards not answered yet.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.run.stage import ModelRole, Stage, StageContext
+from pipeline.thinking import ThinkFormat, detect_format
 from stages.eval.benchmark import load_prompts
 from stages.eval.evaluate import (
     DEFAULT_MAX_TOKENS,
@@ -32,6 +39,7 @@ from stages.eval.evaluate import (
     summarize,
 )
 from stages.eval.metrics import COMPARISONS, FINAL, MODELS, SFT, START, gain_keys
+from stages.eval.modes import EvalThinking, thinking_jobs, thinking_metrics
 
 __all__ = ["STAGE", "EvalStageConfig", "evaluate_model", "final_model", "load_prompts", "paired_gains", "run",
            "score_answers", "summarize"]
@@ -60,6 +68,10 @@ class EvalStageConfig(BaseModel):
     """Confidence level of the intervals."""
     shard_size: int = Field(64, ge=1)
     """Prompts per resumable shard (also the largest batch an engine gets at once)."""
+    thinking: EvalThinking | None = None
+    """For the models whose chat template has think markers (a policy trained with `stages.sft.thinking`): IFEval
+    per mode and the switch-following rate (`stages/eval/modes.py`). None: each model answers once, as its template
+    asks by default."""
 
 
 def start_model(ctx: StageContext, cfg: EvalStageConfig) -> str:
@@ -92,10 +104,11 @@ def _sync_into(pool, model: str) -> None:
     del hf
 
 
-def _answers(ctx: StageContext, cfg: EvalStageConfig, label: str, model: str, rows: list[dict]) -> list[dict]:
-    """Answers of one model (a resumable map). On the first shard still to do, the role's running engines get the
-    model's weights when it has the role model's shapes and chat template; otherwise engines start for the model
-    and stop after its shards."""
+def _answers(ctx: StageContext, cfg: EvalStageConfig, label: str, model: str,
+             jobs: dict[str, tuple[list[dict], Callable[[Any, list[dict]], list[dict]]]]) -> dict[str, list[dict]]:
+    """Answers of one model: per job ``name -> (rows, answer(pool, shard))`` a resumable map ``answers_<name>``. On
+    the first shard still to do, the role's running engines get the model's weights when it has the role model's
+    shapes and chat template; otherwise engines start for the model and stop after its last job."""
     from pipeline.engines.pool import WorkerPool
     from pipeline.models.catalog import resolve_model
 
@@ -103,7 +116,7 @@ def _answers(ctx: StageContext, cfg: EvalStageConfig, label: str, model: str, ro
     serving: list = []
     own: list[WorkerPool] = []
 
-    def answer(shard: list[dict]) -> list[dict]:
+    def serving_pool() -> Any:
         if not serving:
             ctx.used_ray = True
             if _servable_by(resolve_model(role_cfg.model), resolve_model(model)):
@@ -116,13 +129,25 @@ def _answers(ctx: StageContext, cfg: EvalStageConfig, label: str, model: str, ro
                 pool = WorkerPool(role_cfg.model_copy(update={"model": model}))
                 own.append(pool)
             serving.append(pool)
-        return generate_answers(serving[0], shard, cfg.max_tokens)
+        return serving[0]
 
     try:
-        return ctx.map(f"answers_{label}", rows, answer, shard_size=cfg.shard_size, desc=f"eval {label}")
+        return {name: ctx.map(f"answers_{name}", rows, lambda shard, fn=fn: fn(serving_pool(), shard),
+                              shard_size=cfg.shard_size, desc=f"eval {name}")
+                for name, (rows, fn) in jobs.items()}
     finally:
         for pool in own:
             pool.shutdown()
+
+
+@functools.cache
+def _think_format(model: str) -> ThinkFormat | None:
+    """The think format of a model's chat template (None: it has no think markers)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models.catalog import resolve_model
+
+    return detect_format(AutoTokenizer.from_pretrained(resolve_model(model)))
 
 
 def _servable_by(served: Path, model: Path) -> bool:
@@ -155,7 +180,14 @@ def run(ctx: StageContext) -> None:
     scored: dict[str, list[dict]] = {}
     try:
         for label in MODELS:
-            scored[label] = score_answers(rows, _answers(ctx, cfg, label, models[label], rows))
+            jobs = {label: (rows, lambda pool, shard: generate_answers(pool, shard, cfg.max_tokens))}
+            fmt = _think_format(models[label]) if cfg.thinking is not None else None
+            if fmt is not None:
+                jobs.update(thinking_jobs(label, rows, cfg.thinking, fmt, cfg.max_tokens))
+            answers = _answers(ctx, cfg, label, models[label], jobs)
+            scored[label] = score_answers(rows, answers.pop(label))
+            if fmt is not None:
+                ctx.metrics.update(thinking_metrics(label, rows, answers, cfg.benchmark, models[label], ctx.log))
     finally:
         ctx.release_pools()  # their engines may now hold an evaluated model's weights, not their role's model
     for label in MODELS:

@@ -35,6 +35,23 @@ def gain_keys(comparison: str, accuracy: str) -> tuple[str, str, str]:
     return base, f"{base}_ci_low", f"{base}_ci_high"
 
 
+MODE_FOLLOWED = "mode_followed"
+"""Per mode: the fraction of the mode's benchmark answers that are in the mode (reasoning for think, none for
+no_think)."""
+
+
+def mode_figure_key(model: str, mode: str, figure: str) -> str:
+    """Manifest key of one model's figure in one thinking mode, e.g. ``sft_think_prompt_loose``,
+    ``final_no_think_mean_tokens``, ``sft_think_mode_followed``."""
+    return f"{model}_{mode}_{figure}"
+
+
+def switch_rate_key(model: str, mode: str) -> str:
+    """Manifest key of a model's switch-following rate: the fraction of held-out prompts asked with ``/think`` (or
+    ``/no_think``) whose answer has reasoning (or none), e.g. ``sft_switch_no_think_rate``."""
+    return f"{model}_switch_{mode}_rate"
+
+
 MODEL_KEYS = tuple(figure_key(m, f) for m in MODELS for f in FIGURES)
 GAIN_KEYS = tuple(k for c in COMPARISONS for a in ACCURACIES for k in gain_keys(c, a))
 FINAL_VS_START_PROMPT_LOOSE_GAIN, FINAL_VS_START_PROMPT_LOOSE_GAIN_CI_LOW, FINAL_VS_START_PROMPT_LOOSE_GAIN_CI_HIGH = \
