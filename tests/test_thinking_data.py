@@ -97,10 +97,12 @@ def _result(texts: list[str]) -> ChatResult:
 
 
 def test_dpo_pairs_stay_within_one_mode():
+    from stages.dpo.prompts import assign_modes
     from stages.dpo.rollout import best_worst_pairs
 
-    prompts = [{"id": "p1", "messages": [{"role": "user", "content": "Q1"}], "mode": THINK},
-               {"id": "p2", "messages": [{"role": "user", "content": "Q2"}], "mode": NO_THINK}]
+    prompts = [{"id": "p1", "messages": [{"role": "user", "content": "Q1"}]},
+               {"id": "p2", "messages": [{"role": "user", "content": "Q2"}]}]
+    prompts = [assign_modes([p], ratio, QWEN3, seed=0)[0] for p, ratio in zip(prompts, (1.0, 0.0), strict=True)]
     results = [_result(["<think>\nr\n</think>\n\nA", "no reasoning at all", "<think>\nr2\n</think>\n\nB"]),
                _result(["<think>\nr\n</think>\n\nA", "plain B", "plain C"])]
     # the off-mode sample would be best (p1) and worst (p2) by score; it is left out of pairing
@@ -109,10 +111,13 @@ def test_dpo_pairs_stay_within_one_mode():
     assert ties == 0 and [p["mode"] for p in pairs] == [THINK, NO_THINK]
     assert (pairs[0]["chosen"][0]["content"], pairs[0]["rejected"][0]["content"]) == (
         "<think>\nr2\n</think>\n\nB", "<think>\nr\n</think>\n\nA")
-    assert (pairs[1]["chosen"][0]["content"], pairs[1]["rejected"][0]["content"]) == ("plain B", "plain C")
+    # fast samples were drawn after the template's empty block (enable_thinking=False): the pair keeps it
+    assert (pairs[1]["chosen"][0]["content"], pairs[1]["rejected"][0]["content"]) == (
+        QWEN3.empty_block + "plain B", QWEN3.empty_block + "plain C")
+    assert pairs[1]["prompt"] == [{"role": "user", "content": "Q2"}]
     assert all(p["off_mode_samples"] == 1 for p in pairs)
     # without modes (thinking off), pairing is as before: every sample competes
-    plain = [{k: v for k, v in p.items() if k != "mode"} for p in prompts]
+    plain = [{"id": p["id"], "messages": p["messages"]} for p in prompts]
     pairs, _ = best_worst_pairs(plain, results, scores, min_gap=0.0, round_index=1)
     assert pairs[0]["chosen"][0]["content"] == "no reasoning at all" and "mode" not in pairs[0]
 
@@ -122,12 +127,13 @@ def test_dpo_prompts_are_asked_in_their_mode():
     from stages.dpo.rollout import prompt_request
 
     prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Q{i}"}]} for i in range(200)]
-    arg = assign_modes(prompts, 0.25, "template_arg", seed=3)
+    arg = assign_modes(prompts, 0.25, QWEN3, seed=3)
     share = sum(p["mode"] == THINK for p in arg) / len(arg)
-    assert abs(share - 0.25) < 0.08 and arg == assign_modes(prompts, 0.25, "template_arg", seed=3)
+    assert abs(share - 0.25) < 0.08 and arg == assign_modes(prompts, 0.25, QWEN3, seed=3)
     slow = next(p for p in arg if p["mode"] == THINK)
     assert prompt_request(slow) == (slow["messages"], {"enable_thinking": True})
-    text = assign_modes(prompts[:1], 0.0, "prompt_text", seed=3)[0]
+    text_fmt = ThinkFormat(family="other", switch="prompt_text", empty_block=QWEN3.empty_block)
+    text = assign_modes(prompts[:1], 0.0, text_fmt, seed=3)[0]
     assert prompt_request(text) == ([{"role": "user", "content": "Q0 /no_think"}], {})
     assert prompt_request(prompts[0]) == (prompts[0]["messages"], {})  # thinking off: unchanged
 

@@ -303,6 +303,20 @@ def same_shapes(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return all(ca.get(k) == cb.get(k) for k in SHAPE_KEYS)
 
 
+def chat_template(folder: str | os.PathLike) -> str | None:
+    """The chat template a model folder declares (``chat_template.jinja``, else ``tokenizer_config.json``)."""
+    jinja, config = Path(folder) / "chat_template.jinja", Path(folder) / "tokenizer_config.json"
+    if jinja.is_file():
+        return jinja.read_text()
+    return json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+
+
+def servable_by(served: str | os.PathLike, model: str | os.PathLike) -> bool:
+    """Whether engines serving ``served`` can answer as ``model`` once its weights are synced: same parameter shapes
+    and the same chat template (the engines keep the tokenizer they started with)."""
+    return same_shapes(served, model) and chat_template(served) == chat_template(model)
+
+
 def list_models() -> list[dict]:
     """Embedded models with their state in the cache."""
     rows = []

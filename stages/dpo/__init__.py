@@ -99,11 +99,11 @@ def run(ctx) -> None:
     write `dpo_model` and `online_pairs`.
 
     The policy is served by the engines of ``pool_role`` (already running when earlier stages used them) with
-    the SFT weights synced in, when the role's model has the SFT model's shapes; otherwise by engines of this
-    stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained weights.
+    the SFT weights synced in, when the role's model has the SFT model's shapes and chat template; otherwise by
+    engines of this stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained weights.
     """
     from pipeline.engines.pool import WorkerPool
-    from pipeline.models.catalog import resolve_model, same_shapes
+    from pipeline.models.catalog import resolve_model, servable_by
     from reward.score import RewardPool
 
     cfg: OnlineDPOConfig = ctx.config
@@ -120,7 +120,7 @@ def run(ctx) -> None:
         from transformers import AutoTokenizer
 
         fmt = require_format(AutoTokenizer.from_pretrained(sft_path), "dpo.thinking (the sft_model's chat template)")
-        train_p, eval_p = (assign_modes(ps, cfg.thinking.think_ratio, fmt.switch, ctx.seed) for ps in (train_p, eval_p))
+        train_p, eval_p = (assign_modes(ps, cfg.thinking.think_ratio, fmt, ctx.seed) for ps in (train_p, eval_p))
         ctx.metrics["prompts_by_mode"] = dict(Counter(p[MODE_FIELD] for p in train_p + eval_p))
     ctx.metrics.update({M.PROMPTS_EXCLUDED: split.excluded, M.PROMPTS_TRAIN: len(train_p),
                         M.PROMPTS_HELD_OUT: len(eval_p)})
@@ -132,11 +132,11 @@ def run(ctx) -> None:
     bar = ctx.progress(cfg.rounds, "dpo rounds")
     bar.advance(finished_rounds(work))
     with contextlib.ExitStack() as stack:
-        if same_shapes(resolve_model(role_cfg.model), sft_path):
+        if servable_by(resolve_model(role_cfg.model), sft_path):
             pool = ctx.pool(cfg.pool_role)
-        else:
-            ctx.log.info("dpo: role %s serves %s, whose shapes differ from sft_model; starting engines for "
-                         "sft_model", cfg.pool_role, role_cfg.model)
+        else:  # e.g. an SFT with `thinking` saved our think template: the role's engines keep their own
+            ctx.log.info("dpo: role %s serves %s, whose shapes or chat template differ from sft_model's; starting "
+                         "engines for sft_model", cfg.pool_role, role_cfg.model)
             ctx.ensure_ray()
             pool = stack.enter_context(WorkerPool(role_cfg.model_copy(update={"model": str(sft_path)})))
         ctx.used_ray = True

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from critique.constraints import NO_CONSTRAINTS
 from pipeline.records import check_disjoint, source_item
 from pipeline.run.stage import record_seed
-from pipeline.thinking import MODE_FIELD, NO_THINK, THINK
+from pipeline.thinking import MODE_FIELD, NO_THINK, THINK, ThinkFormat
 from stages.dpo.config import OnlineDPOConfig
 
 
@@ -103,11 +103,13 @@ def round_prompts(train: Sequence[dict], round_index: int, k: int) -> list[dict]
     return [train[(start + i) % len(train)] for i in range(min(k, len(train)))]
 
 
-def assign_modes(prompts: Sequence[dict], think_ratio: float, switch: str, seed: int) -> list[dict]:
-    """Each prompt with its thinking ``mode`` (think when a seeded hash of its id falls under ``think_ratio``) and the
-    ``switch`` of the policy's template (``pipeline.thinking.ThinkFormat.switch``) that the rollout applies."""
+def assign_modes(prompts: Sequence[dict], think_ratio: float, fmt: ThinkFormat, seed: int) -> list[dict]:
+    """Each prompt with its thinking ``mode`` (think when a seeded hash of its id falls under ``think_ratio``), the
+    ``switch`` of the policy's template that the rollout applies and the template's ``empty_block`` (a fast sample
+    asked through the template argument follows it, so its pair's answers are stored after it)."""
     out = []
     for p in prompts:
         unit = int.from_bytes(hashlib.sha256(f"{seed}:dpo-mode:{p['id']}".encode()).digest()[:8], "big") / 2**64
-        out.append({**p, MODE_FIELD: THINK if unit < think_ratio else NO_THINK, "switch": switch})
+        out.append({**p, MODE_FIELD: THINK if unit < think_ratio else NO_THINK, "switch": fmt.switch,
+                    "empty_block": fmt.empty_block})
     return out

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from pipeline.run.stage import record_seed
-from pipeline.thinking import MODE_FIELD, TEMPLATE_ARG, THINK, follows_mode, text_switch
+from pipeline.thinking import MODE_FIELD, NO_THINK, TEMPLATE_ARG, THINK, follows_mode, text_switch
 from reward.score import conversation
 from stages.dpo import metrics as M
 from stages.dpo.config import OnlineDPOConfig
@@ -94,11 +94,15 @@ def best_worst_pairs(prompts: Sequence[dict], results: Sequence, scores: Sequenc
         if best == worst or (not verified and s[best] - s[worst] < min_gap):
             ties += 1
             continue
+        messages, kwargs = prompt_request(p)
+        # a fast sample asked through the template argument came after the template's empty think block: the pair
+        # keeps it in the answers, so the trainer sees the context the sample was drawn in
+        before = p["empty_block"] if kwargs and mode == NO_THINK else ""
         pairs.append({
             "id": hashlib.sha1(f"{p['id']}:online:{round_index}".encode()).hexdigest()[:16],
-            "prompt": p["messages"],
-            "chosen": [{"role": "assistant", "content": r.completions[best].text}],
-            "rejected": [{"role": "assistant", "content": r.completions[worst].text}],
+            "prompt": messages,
+            "chosen": [{"role": "assistant", "content": before + r.completions[best].text}],
+            "rejected": [{"role": "assistant", "content": before + r.completions[worst].text}],
             "source": f"online_round_{round_index}",
             "chosen_score": float(s[best]), "rejected_score": float(s[worst]), "verified": verified,
             "instruction_id": p["id"], "round": round_index, "n_samples": len(s),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,7 +109,7 @@ def _answers(ctx: StageContext, cfg: EvalStageConfig, label: str, model: str,
     the first shard still to do, the role's running engines get the model's weights when it has the role model's
     shapes and chat template; otherwise engines start for the model and stop after its last job."""
     from pipeline.engines.pool import WorkerPool
-    from pipeline.models.catalog import resolve_model
+    from pipeline.models.catalog import resolve_model, servable_by
 
     role_cfg = ctx.run_config.models[cfg.pool_role]
     serving: list = []
@@ -119,7 +118,7 @@ def _answers(ctx: StageContext, cfg: EvalStageConfig, label: str, model: str,
     def serving_pool() -> Any:
         if not serving:
             ctx.used_ray = True
-            if _servable_by(resolve_model(role_cfg.model), resolve_model(model)):
+            if servable_by(resolve_model(role_cfg.model), resolve_model(model)):
                 ctx.log.info("eval: the %s engines serve the %s model (%s)", cfg.pool_role, label, model)
                 pool = ctx.pool(cfg.pool_role)
                 _sync_into(pool, model)
@@ -148,25 +147,6 @@ def _think_format(model: str) -> ThinkFormat | None:
     from pipeline.models.catalog import resolve_model
 
     return detect_format(AutoTokenizer.from_pretrained(resolve_model(model)))
-
-
-def _servable_by(served: Path, model: Path) -> bool:
-    """Whether engines serving ``served`` can answer as ``model`` once its weights are synced: same parameter
-    shapes and the same chat template (the engines keep the tokenizer they started with)."""
-    from pipeline.models.catalog import same_shapes
-
-    return same_shapes(served, model) and _chat_template(served) == _chat_template(model)
-
-
-def _chat_template(folder: Path) -> str | None:
-    """The chat template a model folder declares (``chat_template.jinja``, else ``tokenizer_config.json``)."""
-    import json
-
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    config = folder / "tokenizer_config.json"
-    return json.loads(config.read_text()).get("chat_template") if config.is_file() else None
 
 
 def run(ctx: StageContext) -> None:
