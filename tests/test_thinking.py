@@ -151,7 +151,16 @@ def _records(n: int) -> list[dict]:
 def test_mode_mix_follows_the_ratio(tiny_path):
     fmt = detect_format(_tokenizer(tiny_path, "ours"))
     rows, counts = mix_modes(_records(200), SFTThinking(think_ratio=0.3), fmt, seed=1)
-    assert counts["think_rows"] + counts["no_think_rows"] == 200 and abs(counts["think_fraction"] - 0.3) < 0.08
+    assert (counts["think_rows"], counts["no_think_rows"], counts["think_fraction"]) == (60, 140, 0.3)
+    assert rows == mix_modes(_records(200), SFTThinking(think_ratio=0.3), fmt, seed=1)[0]  # seeded
+    assert rows != mix_modes(_records(200), SFTThinking(think_ratio=0.3), fmt, seed=2)[0]
+    # fast answers (no reasoning) beside slow ones: the ratio is met from the rows that have reasoning
+    half = [{**r, "reasoning": None} if i % 2 else r for i, r in enumerate(_records(200))]
+    rows, counts = mix_modes(half, SFTThinking(think_ratio=0.5), fmt, seed=1)
+    assert (counts["think_rows"], counts["think_short"]) == (100, 0)
+    assert all(row["reasoning"] for row in rows if row["mode"] == THINK)
+    rows, counts = mix_modes(half, SFTThinking(think_ratio=0.8), fmt, seed=1)
+    assert (counts["think_rows"], counts["think_short"]) == (100, 60)
     for row in rows:
         text = row["messages"][-1]["content"]
         assert row["enable_thinking"] == (row["mode"] == THINK)

@@ -37,8 +37,8 @@ class SFTThinking(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     think_ratio: float = Field(0.5, ge=0, le=1)
-    """Fraction of rows trained in slow mode (chosen per row by a seeded hash of its id); only rows with reasoning
-    (slow answers of the answer stage's `thinking`) can be slow, the rest are trained fast on their final answer."""
+    """Fraction of SFT rows trained in slow mode, chosen among the rows with reasoning (slow answers of the answer
+    stage's `thinking`) by a seeded hash of their id; the rest are trained fast on their final answer."""
 
 
 def serving_template(tokenizer: Any) -> str:
@@ -69,24 +69,26 @@ def _reasoning_and_final(rec: dict) -> tuple[str | None, str]:
 def mix_modes(records: Sequence[dict], cfg: SFTThinking, fmt: ThinkFormat, seed: int) -> tuple[list[dict], dict]:
     """Each record rendered in its mode: (rows with `messages`, `mode`, `enable_thinking`; counts).
 
-    A row is slow when the seeded hash of its id falls under ``think_ratio`` and it has reasoning; otherwise fast.
+    ``round(think_ratio * len(records))`` rows are slow: the records with reasoning first by a seeded hash of their
+    id (fewer when fewer have reasoning, counted in ``think_short``); the others are fast.
     """
+    parsed = [_reasoning_and_final(rec) for rec in records]
+    want = round(cfg.think_ratio * len(records))
+    with_reasoning = sorted((i for i, (reasoning, _) in enumerate(parsed) if reasoning),
+                            key=lambda i: _unit(seed, str(records[i]["id"])))
+    slow = set(with_reasoning[:want])
     rows, modes = [], Counter()
-    short = 0
-    for rec in records:
-        reasoning, final = _reasoning_and_final(rec)
-        want = THINK if _unit(seed, str(rec["id"])) < cfg.think_ratio else NO_THINK
-        mode = THINK if want == THINK and reasoning else NO_THINK
-        short += want != mode
+    for i, (rec, (reasoning, final)) in enumerate(zip(records, parsed, strict=True)):
+        mode = THINK if i in slow else NO_THINK
         prompt = rec["messages"][:-1] if rec["messages"][-1]["role"] == "assistant" else rec["messages"]
         messages, kwargs = apply_switch(prompt, mode, fmt)
         messages.append({"role": "assistant", "content": render_answer(reasoning, final, mode, fmt)})
         rows.append({**rec, "messages": messages, MODE_FIELD: mode, ENABLE_THINKING_COLUMN: kwargs.get(TEMPLATE_ARG)})
         modes[mode] += 1
-    if cfg.think_ratio > 0 and not modes[THINK]:
+    if want and not slow:
         raise ValueError("sft.thinking.think_ratio > 0 but no SFT record has reasoning; fix: enable "
                          "stages.answer.thinking with the think mode (slow answers), or set think_ratio: 0")
     counts = {"think_rows": modes[THINK], "no_think_rows": modes[NO_THINK],
               "think_fraction": round(modes[THINK] / max(1, len(rows)), 4),
-              "think_wanted_without_reasoning": short, "switch": fmt.switch, "think_family": fmt.family}
+              "think_short": want - len(slow), "switch": fmt.switch, "think_family": fmt.family}
     return rows, counts
