@@ -49,7 +49,9 @@ def verification_metrics(records: Iterable[dict]) -> dict:
     by_kind: dict[str, Counter] = {}
     for rec in records:
         for resp in rec["responses"]:
-            verdicts = resp.get("constraint_verdicts")
+            # Stored as a Parquet struct, the verdicts of one response carry every kind of the shard: None where
+            # the response's instruction did not ask for that kind.
+            verdicts = {k: v for k, v in (resp.get("constraint_verdicts") or {}).items() if v is not None}
             if not verdicts:
                 continue
             checked += 1

@@ -54,3 +54,21 @@ def test_violations_are_rejected_counted_per_kind_and_ranked_below_every_tier():
     assert {p["rejected"][0]["content"] for p in prefs} <= {BOTH_BROKEN, NO_COMMAS_BROKEN}
     assert all(p["chosen_score"] > p["rejected_score"] == 0.0 for p in prefs)
     assert all(p["constraints"] == dump(CONSTRAINTS) for p in prefs)  # the constraints travel with the pair
+
+
+def test_pass_rates_survive_the_parquet_round_trip_of_graded_records(tmp_path):
+    """Graded shards are stored as Parquet (ctx.map): each response's verdicts become a struct with every kind of the
+    shard, None where its instruction did not ask for that kind. The pass rates count only the kinds asked for."""
+    import datasets
+
+    cfg = FilterConfig(critique={"enabled": False, "default_tier": 4}, dedup={"responses": False})
+    lowercase = [{"kind": "lowercase", "params": {}, "text": "Write in lowercase only."}]
+    graded = _graded([_record("q1", [FOLLOWS], CONSTRAINTS), _record("q2", ["all in lowercase here."], lowercase)],
+                     cfg)
+    datasets.Dataset.from_list(graded).to_parquet(tmp_path / "graded.parquet")
+    stored = datasets.load_dataset("parquet", data_files=str(tmp_path / "graded.parquet"), split="train").to_list()
+    assert stored[1]["responses"][0]["constraint_verdicts"]["no_commas"] is None  # what Parquet does to the dicts
+    _, _, metrics = select_outputs(stored, cfg)
+    assert metrics["verification"]["responses_checked"] == 2 and metrics["verification"]["responses_passed"] == 2
+    assert {k: v["checked"] for k, v in metrics["verification"]["by_kind"].items()} == {
+        "no_commas": 1, "max_words": 1, "lowercase": 1}

@@ -14,6 +14,11 @@ from typing import Any
 LOGGER_NAMES = ("posttrain", "pipeline", "stages", "critique", "reward")
 
 
+FILE_ONLY = "file_only"
+"""A log record with this attribute set (``extra={FILE_ONLY: True}``) goes to RUN_DIR/logs/run.log, not the console
+(a failed stage's traceback: the console shows the one-line error)."""
+
+
 def console_mode(quiet: bool) -> str:
     if quiet:
         return "quiet"
@@ -36,6 +41,7 @@ def logging_to(run_dir: Path | None, mode: str) -> Iterator[Any]:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(fmt)
     h.setLevel(logging.WARNING if mode == "quiet" else logging.INFO)
+    h.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     handlers.append(h)
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from pipeline.files import atomic_write_text, fingerprint
 from pipeline.run.artifacts import ArtifactStore, library_versions
 from pipeline.run.checks import check_inputs, check_model_folders, disk_sources
 from pipeline.run.config import RunConfig, dump_config
-from pipeline.run.console import console_mode, library_bars_off, logging_to
+from pipeline.run.console import FILE_ONLY, console_mode, library_bars_off, logging_to
 from pipeline.run.errors import RunError
 from pipeline.run.fingerprint import code_version, pool_fingerprint, what_changed
 from pipeline.run.graph import dependents, order_stages, producers, upstream
@@ -287,7 +287,7 @@ class Runner:
             manifest.metrics, manifest.ray = ctx.metrics, self.ray.info if ctx.used_ray else None
             self._write(manifest)
             log.error("stage %s failed after %.1fs: %s: %s", name, time.perf_counter() - t0, type(exc).__name__, exc)
-            log.debug("%s", traceback.format_exc())
+            log.error("stage %s traceback:\n%s", name, traceback.format_exc(), extra={FILE_ONLY: True})
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise RunError(f"stage {name} failed: {exc}") from exc
