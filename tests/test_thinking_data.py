@@ -160,3 +160,22 @@ def test_eval_reports_figures_per_mode_and_the_switch_rates():
     assert m[mode_figure_key("sft", THINK, "mode_followed")] == 0.75
     assert (m[switch_rate_key("sft", THINK)], m[switch_rate_key("sft", NO_THINK)]) == (0.5, 1.0)
     assert 0 <= m[mode_figure_key("sft", NO_THINK, "prompt_loose")] <= 1
+
+
+def test_offline_pairs_are_written_as_the_policy_writes_their_mode():
+    from stages.dpo.prompts import pair_in_mode
+
+    hunyuan = ThinkFormat(family="hunyuan", switch="template_arg", empty_block="<think>\n\n</think>\n")
+    slow = {"prompt": [{"role": "user", "content": "Q"}], "mode": THINK,
+            "chosen": [{"role": "assistant", "content": "<think>\nR\n</think>\n\nA"}],
+            "rejected": [{"role": "assistant", "content": "B without reasoning"}]}
+    out = pair_in_mode(slow, hunyuan)
+    assert out["chosen"][0]["content"] == "<think>\nR\n</think>\n<answer>\nA\n</answer>"
+    assert out["rejected"] == slow["rejected"] and out["prompt"] == slow["prompt"]
+    fast = {**slow, "mode": NO_THINK, "chosen": [{"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "assistant", "content": "B"}]}
+    assert pair_in_mode(fast, QWEN3)["chosen"][0]["content"] == "<think>\n\n</think>\n\nA"
+    text_fmt = ThinkFormat(family="other", switch="prompt_text", empty_block=QWEN3.empty_block)
+    assert pair_in_mode(fast, text_fmt)["prompt"] == [{"role": "user", "content": "Q /no_think"}]
+    plain = {k: v for k, v in fast.items() if k != "mode"}
+    assert pair_in_mode(plain, QWEN3) is plain

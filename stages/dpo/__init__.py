@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.records import pair_items, source_item
-from pipeline.thinking import MODE_FIELD, require_format
+from pipeline.thinking import MODE_FIELD, REASONING_FIELD, require_format
 from stages.dpo import metrics as M
 from stages.dpo.config import OnlineDPOConfig
 from stages.dpo.ema import init_ema, swapped_weights
@@ -50,7 +50,14 @@ from stages.dpo.evaluation import held_out_metrics, paired_gain
 from stages.dpo.judge import critic_judge
 from stages.dpo.loop import OnlineDPOResult, online_dpo, save_policy
 from stages.dpo.losses import DpoLossType, dpo_loss
-from stages.dpo.prompts import assign_modes, prompt_rows, round_prompts, split_prompts, stdlib_prompt_rows
+from stages.dpo.prompts import (
+    assign_modes,
+    pair_in_mode,
+    prompt_rows,
+    round_prompts,
+    split_prompts,
+    stdlib_prompt_rows,
+)
 from stages.dpo.rollout import best_worst_pairs, kl_estimate, sample, score_results, sequence_logprobs
 from stages.dpo.state import finished_rounds
 from stages.dpo.trainer import (
@@ -100,7 +107,9 @@ def run(ctx) -> None:
 
     The policy is served by the engines of ``pool_role`` (already running when earlier stages used them) with
     the SFT weights synced in, when the role's model has the SFT model's shapes and chat template; otherwise by
-    engines of this stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained weights.
+    engines of this stage that load `sft_model`. Afterwards the pools are released: their engines hold the trained
+    weights. With ``thinking``, prompts, offline pairs and SFT replay rows are each in one mode, as the policy's
+    template writes it.
     """
     from pipeline.engines.pool import WorkerPool
     from pipeline.models.catalog import resolve_model, servable_by
@@ -111,7 +120,6 @@ def run(ctx) -> None:
     reward_path = ctx.input_path("reward_model")
     prompts = prompt_rows(ctx.read("evolved").to_list()) + stdlib_prompt_rows(cfg.stdlib_prompts)
     preferences = ctx.read("preferences").to_list()
-    offline = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in preferences]
     sft_rows = ctx.read("sft").to_list() if cfg.sft_replay_coef > 0 else []
     trained = {i for p in preferences for i in pair_items(p)} | {source_item(r) for r in sft_rows}
     split = split_prompts(prompts, cfg, ctx.seed, reward_training_items(reward_path, ctx.log), trained)
@@ -119,9 +127,15 @@ def run(ctx) -> None:
     if cfg.thinking is not None:  # every prompt in one mode, asked through the switch the SFT policy's template takes
         from transformers import AutoTokenizer
 
+        from stages.sft.modes import SFTThinking, mix_modes
+
         fmt = require_format(AutoTokenizer.from_pretrained(sft_path), "dpo.thinking (the sft_model's chat template)")
         train_p, eval_p = (assign_modes(ps, cfg.thinking.think_ratio, fmt, ctx.seed) for ps in (train_p, eval_p))
         ctx.metrics["prompts_by_mode"] = dict(Counter(p[MODE_FIELD] for p in train_p + eval_p))
+        preferences = [pair_in_mode(p, fmt) for p in preferences]  # offline pairs as the policy writes each mode
+        if any(r.get(REASONING_FIELD) for r in sft_rows):  # SFT replay rows in both modes, as SFT trained them
+            sft_rows, _ = mix_modes(sft_rows, SFTThinking(think_ratio=cfg.thinking.think_ratio), fmt, ctx.seed)
+    offline = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in preferences]
     ctx.metrics.update({M.PROMPTS_EXCLUDED: split.excluded, M.PROMPTS_TRAIN: len(train_p),
                         M.PROMPTS_HELD_OUT: len(eval_p)})
     if len(eval_p) < cfg.eval_prompts:

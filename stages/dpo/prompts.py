@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from critique.constraints import NO_CONSTRAINTS
 from pipeline.records import check_disjoint, source_item
 from pipeline.run.stage import record_seed
-from pipeline.thinking import MODE_FIELD, NO_THINK, THINK, ThinkFormat
+from pipeline.thinking import (
+    MODE_FIELD,
+    NO_THINK,
+    THINK,
+    ThinkFormat,
+    apply_switch,
+    render_answer,
+    split_reasoning,
+)
 from stages.dpo.config import OnlineDPOConfig
 
 
@@ -113,3 +121,23 @@ def assign_modes(prompts: Sequence[dict], think_ratio: float, fmt: ThinkFormat, 
         out.append({**p, MODE_FIELD: THINK if unit < think_ratio else NO_THINK, "switch": fmt.switch,
                     "empty_block": fmt.empty_block})
     return out
+
+
+def pair_in_mode(pair: dict, fmt: ThinkFormat) -> dict:
+    """An offline pair of a thinking-mode answer record (it has ``mode``) as the policy's template writes that mode:
+    the switch in the prompt when the template takes the text switch, each answer rendered for ``fmt`` (a fast one
+    after the empty think block, as online fast samples are stored; a slow one's reasoning in think markers; a slow
+    one without reasoning, a rejected side, as it is). A pair without a mode is returned as is."""
+    mode = pair.get(MODE_FIELD)
+    if not mode:
+        return pair
+
+    def render(messages: list[dict]) -> list[dict]:
+        split = split_reasoning(messages[-1]["content"])
+        if mode == THINK and not split.reasoning:
+            return messages
+        text = render_answer(split.reasoning if mode == THINK else None, split.final, mode, fmt)
+        return [*messages[:-1], {**messages[-1], "content": text}]
+
+    return {**pair, "prompt": apply_switch(pair["prompt"], mode, fmt)[0], "chosen": render(pair["chosen"]),
+            "rejected": render(pair["rejected"])}
