@@ -139,7 +139,8 @@ def test_every_response_is_accounted_for_and_defects_are_caught(filtered, answer
         assert b["responses_in"] == a["responses_out"] and b["instructions_in"] == a["instructions_out"]
     assert all(row["responses_out"] <= row["responses_in"] for row in funnel)
     assert funnel[-1]["responses_out"] == len(filtered["sft"])  # one SFT row per surviving instruction
-    assert [row["filter"] for row in funnel][:5] == ["truncation", "garbled", "format", "repetition", "consistency"]
+    assert [row["filter"] for row in funnel][:6] == ["truncation", "garbled", "format", "repetition", "reasoning",
+                                                     "consistency"]
 
     by_id = {r["id"]: r for r in filtered["graded"]}
     broken = by_id[answers["broken_id"]]["responses"]
